@@ -1,0 +1,55 @@
+"""The ``cgh`` command line: one subcommand per stage of the data flow.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs, so ``cgh --help`` stays instant and a missing
+optional dependency (detectron2, mmseg) only affects the commands that need it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cgh.errors import CghError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("cgh.data.cli", "generate the synthetic benchmark (synthshapes) or check a dataset root"),
+    "pretrain": ("cgh.train", "pretrain CGH / ReSSL / variants from a config (CPU, GPU, torchrun)"),
+    "inspect": ("transfer.cli_inspect", "detect a checkpoint's layout and list its backbone tensors"),
+    "convert": ("transfer.cli_convert", "convert a checkpoint to canonical/torchvision/detectron2/mmseg"),
+    "eval": ("eval.cli", "classification protocols: knn, linear, semi"),
+    "transfer": ("transfer.cli_transfer", "detection/segmentation transfer: voc, coco, seg"),
+    "report": ("reports.cli", "build the paper-shaped report from result.json records"),
+    "compare": ("reports.compare", "run a protocol suite on several checkpoints and rank them"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgh", description="Pretrain CGH and evaluate any ResNet checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (CghError, FileNotFoundError) as e:
+        print(f"cgh {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
