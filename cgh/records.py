@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import numbers
 import os
 import platform
 import socket
@@ -112,10 +113,13 @@ def validate_record(rec: Any) -> dict:
 
 
 def _finite(metrics: dict) -> dict:
+    """Plain floats (numpy/torch scalars converted); NaN/inf become None, which JSON can hold."""
     out = {}
     for k, v in metrics.items():
-        v = float(v) if v is not None else None
-        out[k] = v if v is None or math.isfinite(v) else None
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            v = float(v)
+            v = v if math.isfinite(v) else None
+        out[k] = v
     return out
 
 
