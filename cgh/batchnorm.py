@@ -1,0 +1,125 @@
+"""BatchNorm for the teacher: split-BN on one device, shuffle-BN across processes.
+
+Both exist for the same reason (MoCo, sec. 3.3): if a teacher's BatchNorm statistics are computed
+over exactly the samples the student sees together, the two networks can "cheat" through the batch
+statistics. Under DDP the teacher's batch is shuffled across processes before its forward pass and
+unshuffled after (``batch_shuffle_ddp``/``batch_unshuffle_ddp``). On one device the authors instead
+split the batch into 8 BatchNorm groups (``SplitBatchNorm2d``, simulating 8 GPUs) and shuffle it
+locally (``batch_shuffle_single``), so the teacher's groups differ from the student's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cgh.distributed import is_dist
+from cgh.errors import CghError
+from cgh.queue import concat_all_gather
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed separately over ``num_splits`` groups.
+
+    Training: the batch ``[N, C, H, W]`` is cut into ``G = num_splits`` groups of ``N / G``
+    samples (group ``j`` holds samples ``j, j + G, j + 2G, ...``, MoCo's layout), each normalised
+    with its own mean/variance, exactly what ``G`` GPUs with plain BN would compute. The running
+    statistics of all groups are updated as if each had its own BN and then averaged, as in MoCo's
+    CIFAR demo. Evaluation uses
+    the running statistics like any BatchNorm. The parameters and buffers have the same names and
+    shapes as ``nn.BatchNorm2d``, so a model with split-BN exports as a plain torchvision ResNet.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 8, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise CghError(f"bn_splits must be >= 1 (got {num_splits})")
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.num_splits
+        if n % g:
+            raise CghError(f"split BatchNorm needs the per-device batch ({n}) to be divisible by "
+                           f"bn_splits ({g})")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Put each group on its own channels so one batch_norm call computes per-group statistics.
+        # reshape (not view): a channels_last input cannot be viewed this way and is copied.
+        stats = (self.running_mean.repeat(g), self.running_var.repeat(g)) \
+            if self.track_running_stats else (None, None)
+        y = F.batch_norm(x.reshape(n // g, g * c, h, w), *stats,
+                         self.weight.repeat(g) if self.affine else None,
+                         self.bias.repeat(g) if self.affine else None,
+                         True, factor, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.copy_(stats[0].view(g, c).mean(0))
+                self.running_var.copy_(stats[1].view(g, c).mean(0))
+        y = y.reshape(n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by ``SplitBatchNorm2d`` (weights and buffers
+    kept, in place for children; returns the possibly new root). ``num_splits <= 1`` is a no-op."""
+    if num_splits <= 1:
+        return module
+    if type(module) is nn.BatchNorm2d:
+        new = SplitBatchNorm2d(module.num_features, num_splits, eps=module.eps,
+                               momentum=module.momentum, affine=module.affine,
+                               track_running_stats=module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        for p_new, p_old in zip(new.parameters(), module.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        return new.to(module.weight.device if module.affine else module.running_mean.device)
+    for name, child in module.named_children():
+        setattr(module, name, convert_split_batchnorm(child, num_splits))
+    return module
+
+
+@torch.no_grad()
+def batch_shuffle_single(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly permute the batch on this device; returns (shuffled x, index that undoes it)."""
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return x[perm], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle_single(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    return x[idx_unshuffle]
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shuffle the global batch across processes (MoCo's shuffle-BN); no-op on one process.
+
+    Every process gathers all images, rank 0 draws the permutation and broadcasts it, and each
+    process keeps its slice. Returns (this process's shuffled images, global unshuffle index).
+    """
+    if not is_dist():
+        return x, None
+    x_all = concat_all_gather(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    mine = perm.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return x_all[mine], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
+    """Undo ``batch_shuffle_ddp`` on the teacher's outputs; no-op on one process."""
+    if idx_unshuffle is None:
+        return x
+    x_all = concat_all_gather(x)
+    mine = idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return x_all[mine]

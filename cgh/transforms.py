@@ -1,0 +1,93 @@
+"""Pretraining views: a weak view for the teacher, strong MoCo-v2 views for the student.
+
+The teacher sees a lightly augmented image so its similarity distribution is a reliable target;
+the student sees a heavily corrupted one (ReSSL's weak/contrastive augmentation, used by CGH).
+Sizes are arguments so the CPU demo can train on 32-64 px images; the defaults are ImageNet's.
+Every transform returns ``(student views list, teacher view)``; the default collate turns a batch
+of those into ``(list of [B, 3, h, w] tensors, [B, 3, H, W])``, what ``CGHModel`` takes.
+"""
+from __future__ import annotations
+
+import random
+
+from PIL import ImageFilter
+from torchvision import transforms as T
+
+from cgh.errors import CghError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Authors' multi-crop (from ReSSL): one 224 px strong view plus four smaller crops whose size and
+# scale range shrink together; sizes are given relative to 224 so they follow a smaller ``size``.
+MULTI_CROP_SIZES = (192, 160, 128, 96)
+MULTI_CROP_MIN_SCALES = (0.172, 0.143, 0.114, 0.086)
+MULTI_CROP_MAX_SCALES = (0.86, 0.715, 0.571, 0.429)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from ``sigma`` (MoCo v2 / SimCLR)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def _finish(mean, std):
+    return [T.ToTensor(), T.Normalize(mean, std)]
+
+
+def teacher_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Weak view: random resized crop + horizontal flip."""
+    return T.Compose([T.RandomResizedCrop(size, scale=tuple(scale)), T.RandomHorizontalFlip(),
+                      *_finish(mean, std)])
+
+
+def student_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Strong MoCo-v2 view: crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5), flip."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(scale)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+        *_finish(mean, std),
+    ])
+
+
+class TwoViewTransform:
+    """``img -> ([strong view], weak view)``: one student view and the teacher's view."""
+
+    def __init__(self, size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.student = student_transform(size, scale, mean, std)
+        self.teacher = teacher_transform(size, scale, mean, std)
+
+    def __call__(self, img):
+        return [self.student(img)], self.teacher(img)
+
+
+class MultiCropTransform:
+    """``img -> ([strong view, small crop 1, ...], weak view)`` as in the authors' multi-crop.
+
+    ``crop_sizes`` default to the authors' 192/160/128/96 scaled by ``size / 224`` (so a 64 px demo
+    gets 55/46/37/27 px crops); each small crop uses the strong augmentation with its own crop
+    scale range.
+    """
+
+    def __init__(self, size: int = 224, scale=(0.2, 1.0), crop_sizes=None,
+                 min_scales=MULTI_CROP_MIN_SCALES, max_scales=MULTI_CROP_MAX_SCALES,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        if crop_sizes is None:
+            crop_sizes = [max(8, round(s * size / 224)) for s in MULTI_CROP_SIZES]
+        if not len(crop_sizes) == len(min_scales) == len(max_scales):
+            raise CghError(f"multi-crop needs one min and max scale per crop size (got "
+                           f"{len(crop_sizes)} sizes, {len(min_scales)} min, {len(max_scales)} max)")
+        self.main = TwoViewTransform(size, scale, mean, std)
+        self.small = [student_transform(s, (lo, hi), mean, std)
+                      for s, lo, hi in zip(crop_sizes, min_scales, max_scales)]
+
+    def __call__(self, img):
+        views, weak = self.main(img)
+        return views + [t(img) for t in self.small], weak

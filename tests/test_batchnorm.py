@@ -1,0 +1,101 @@
+"""Split-BN equals plain BN run on each group separately; shuffle helpers undo themselves."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cgh.backbone import build_backbone
+from cgh.batchnorm import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single,
+                           batch_unshuffle_ddp, batch_unshuffle_single, convert_split_batchnorm)
+from cgh.errors import CghError
+
+G, N, C = 4, 12, 3
+
+
+def make_pair():
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.bias.uniform_(-0.5, 0.5)
+        plain.running_mean.uniform_(-1, 1)
+        plain.running_var.uniform_(0.5, 2)
+    split = convert_split_batchnorm(copy.deepcopy(plain), G)
+    assert isinstance(split, SplitBatchNorm2d) and split.num_splits == G
+    return plain, split
+
+
+def test_split_bn_equals_per_group_bn():
+    plain, split = make_pair()
+    x = torch.randn(N, C, 5, 5) * 3 + 1
+    r = torch.randn(N, C, 5, 5)
+    xs = x.clone().requires_grad_(True)
+    y = split(xs)
+    (y * r).sum().backward()
+
+    # Reference: G independent BatchNorms, group j = samples j, j+G, j+2G, ... (MoCo's layout).
+    means, vars_, grads_w = [], [], []
+    for j in range(G):
+        bn = copy.deepcopy(plain)
+        xj = x[j::G].clone().requires_grad_(True)
+        yj = bn(xj)
+        (yj * r[j::G]).sum().backward()
+        torch.testing.assert_close(y[j::G], yj, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xs.grad[j::G], xj.grad, rtol=1e-4, atol=1e-5)
+        means.append(bn.running_mean)
+        vars_.append(bn.running_var)
+        grads_w.append(bn.weight.grad)
+    # Running statistics: each group's update, averaged over groups.
+    torch.testing.assert_close(split.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack(vars_).mean(0))
+    torch.testing.assert_close(split.weight.grad, torch.stack(grads_w).sum(0), rtol=1e-4, atol=1e-5)
+    assert int(split.num_batches_tracked) == 1
+    # And it really differs from whole-batch BN.
+    assert not torch.allclose(y, copy.deepcopy(plain)(x), atol=1e-3)
+
+
+def test_split_bn_eval_uses_running_stats():
+    plain, split = make_pair()
+    plain.eval()
+    split.eval()
+    x = torch.randn(N, C, 4, 4)
+    torch.testing.assert_close(split(x), plain(x))
+
+
+def test_split_bn_channels_last_and_bad_batch():
+    _, split = make_pair()
+    x = torch.randn(N, C, 4, 4)
+    ref = copy.deepcopy(split)(x)
+    y = split(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y, ref)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(CghError, match="divisible by bn_splits"):
+        split(torch.randn(N + 1, C, 4, 4))
+
+
+def test_convert_resnet_keeps_weights_and_names():
+    net = build_backbone("resnet18")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net = convert_split_batchnorm(net, 8)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SplitBatchNorm2d) for m in bns)
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    plain = build_backbone("resnet18")
+    assert convert_split_batchnorm(plain, 1) is plain
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in plain.modules())
+
+
+def test_shuffle_helpers_round_trip():
+    x = torch.arange(16.0).view(8, 2)
+    shuffled, idx = batch_shuffle_single(x)
+    assert sorted(shuffled[:, 0].tolist()) == x[:, 0].tolist()
+    torch.testing.assert_close(batch_unshuffle_single(shuffled, idx), x)
+    # Not distributed: the DDP versions leave the batch alone.
+    same, idx = batch_shuffle_ddp(x)
+    assert same is x and idx is None
+    assert batch_unshuffle_ddp(x, None) is x
