@@ -1,28 +1,35 @@
 """Read any ResNet checkpoint as torchvision backbone tensors: the single entry point for protocols.
 
 Every protocol calls ``load_backbone(path)``; it detects the file's layout (ours, torchvision/timm,
-MoCo, ReSSL, CGH release, DINO, SwAV, solo-learn, mmselfsup, VISSL, lightly, detectron2 .pkl),
-extracts the backbone in torchvision key names and says what it ignored. Third-party files are
-untrusted: nothing in them is executed.
+MoCo, ReSSL, CGH release, DINO, SwAV, solo-learn, mmselfsup, VISSL, lightly, detectron2 .pkl; see
+``transfer.layouts``), extracts the backbone in torchvision key names and says what it ignored.
+Third-party files are untrusted: they are opened by ``transfer.safe_load``, which runs nothing in them.
 
-NOTE: skeleton; the checkpoint-hub issue fills in the other layouts behind the same interface.
+A backbone that loads nothing would train "from scratch" and report a plausible, wrong number, so
+``load_backbone`` fails when any backbone tensor is missing or mis-shaped; ``inspect_checkpoint``
+reports the same findings without failing (for ``cgh inspect``).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from cgh.backbone import infer_arch
+from cgh.backbone import ArchError, backbone_state_dict, build_backbone, infer_arch, load_backbone_weights
+from cgh.canonical import FORMAT as CANONICAL_FORMAT
 from cgh.canonical import load_canonical
-from cgh.errors import CghError
 from cgh.io import sha256_file
+from transfer import layouts
+from transfer.safe_load import CheckpointError, read_checkpoint
 
+__all__ = ["CheckpointError", "LoadedCheckpoint", "Inspection", "inspect_checkpoint", "load_backbone",
+           "LAYOUT_NAMES"]
 
-class CheckpointError(CghError):
-    """A checkpoint cannot be read safely, has no recognisable backbone, or does not fit."""
+LAYOUT_NAMES = ("canonical", *layouts.BY_NAME, "custom")
 
 
 @dataclass
@@ -51,16 +58,227 @@ class LoadedCheckpoint:
         return ident
 
 
+@dataclass
+class Inspection:
+    """What ``cgh inspect`` shows: the extracted backbone plus everything that did not fit."""
+    checkpoint: LoadedCheckpoint
+    where: str                                   # "state_dict/module.encoder_q." style location
+    missing: list[str] = field(default_factory=list)       # expected backbone tensors not found
+    wrong_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, found, expected
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.wrong_shape
+
+
 def load_backbone(path: str | os.PathLike, fmt: str | None = None, key: str | None = None,
                   prefix: str | None = None) -> LoadedCheckpoint:
     """Read ``path`` and return its backbone; ``fmt`` forces a layout, ``key``/``prefix`` pick
-    the sub-dict and key prefix by hand for layouts not known here."""
+    the sub-dict and key prefix by hand for layouts not known here.
+
+    Raises ``CheckpointError`` when the file cannot be read safely, holds no ResNet backbone, or
+    any backbone tensor is missing or has the wrong shape (never falls back to random init).
+    """
+    report = inspect_checkpoint(path, fmt=fmt, key=key, prefix=prefix)
+    ck = report.checkpoint
+    model = _shape_model(ck.arch)
+    try:
+        with warnings.catch_warnings():   # loading into meta tensors is a shape check, not a copy
+            warnings.simplefilter("ignore")
+            load_backbone_weights(model, ck.state_dict)
+    except ArchError as e:
+        raise CheckpointError(f"{ck.path} ({ck.layout} layout, {report.where or 'top level'}): {e}; "
+                              "run `cgh inspect` on it to see every tensor") from None
+    return ck
+
+
+def inspect_checkpoint(path: str | os.PathLike, fmt: str | None = None, key: str | None = None,
+                       prefix: str | None = None) -> Inspection:
+    """Detect the layout and extract the backbone, reporting missing/mis-shaped tensors instead of failing."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: only canonical .safetensors checkpoints are supported so far")
-    tensors, meta = load_canonical(path)
-    return LoadedCheckpoint(path=path, state_dict=tensors, arch=infer_arch(tensors), layout="canonical",
-                            sha256=sha256_file(path), method=meta.get("method", "unknown"),
-                            epoch=meta.get("epoch"), train_config=meta.get("train_config"))
+    if fmt is not None and fmt not in LAYOUT_NAMES:
+        raise CheckpointError(f"unknown checkpoint layout '{fmt}'; known: {', '.join(LAYOUT_NAMES)}")
+    obj = read_checkpoint(path)
+    sha = sha256_file(path)
+    if path.suffix == ".safetensors" and fmt in (None, "canonical") and key is None and prefix is None:
+        canonical = _read_canonical(path, obj, sha, forced=fmt == "canonical")
+        if canonical is not None:
+            return canonical
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
+                              "a saved whole model (torch.save(model)) is not supported, save its state_dict")
+    where, used_prefix, names, layout = _locate(path, obj, fmt, key, prefix)
+    sub = layouts.dig(obj, where)
+    return _extract(path, obj, sha, layout, where, used_prefix, names, sub)
+
+
+# ---- detection ------------------------------------------------------------------------------------
+
+def _read_canonical(path: Path, tensors: dict, sha: str, forced: bool) -> Inspection | None:
+    """Our canonical file (safetensors + sidecar); None when it is some other safetensors file."""
+    meta_format = _safetensors_format(path)
+    if meta_format != CANONICAL_FORMAT and not forced:
+        return None
+    try:
+        _, meta = load_canonical(path)
+        arch = infer_arch(tensors)
+    except (ValueError, OSError) as e:   # CghError/ArchError and a malformed JSON sidecar are ValueErrors
+        raise CheckpointError(f"{path}: not a valid canonical checkpoint ({e})") from None
+    ck = LoadedCheckpoint(path=path, state_dict=tensors, arch=arch, layout="canonical", sha256=sha,
+                          method=meta.get("method", "unknown"), epoch=meta.get("epoch"),
+                          train_config=meta.get("train_config"))
+    return _with_shape_check(ck, "")
+
+
+def _safetensors_format(path: Path) -> str | None:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format")
+
+
+def _parse_key(obj: dict, key: str) -> tuple[str, ...]:
+    """``--key``: an exact top-level key, or a path split on '/' (or '.') through nested dicts."""
+    if key in obj:
+        return (key,)
+    for sep in ("/", "."):
+        parts = tuple(p for p in key.split(sep) if p)
+        if isinstance(layouts.dig(obj, parts), dict):
+            return parts
+    raise CheckpointError(f"--key {key!r}: no such dict in the checkpoint; top-level keys: {_keys(obj)}")
+
+
+def _keys(d: dict, n: int = 12) -> str:
+    ks = [str(k) for k in d]
+    return ", ".join(ks[:n]) + (f", ... ({len(ks)} keys)" if len(ks) > n else "")
+
+
+def _locate(path: Path, obj: dict, fmt, key, prefix):
+    """(where, prefix, {torchvision name: original key}, Layout) of the backbone in ``obj``."""
+    if key is not None or prefix is not None:
+        layout = layouts.BY_NAME.get(fmt) if fmt not in (None, "custom") else None
+        where = _parse_key(obj, key) if key is not None else ()
+        sub = layouts.dig(obj, where)
+        if not isinstance(sub, dict):
+            raise CheckpointError(f"{path}: the checkpoint root is not a dict; pass --key")
+        rename = layout.rename if layout else layouts.torchvision_name
+        names = layouts.backbone_candidates(sub, prefix or "", rename)
+        if not names:
+            raise CheckpointError(f"{path}: no key under {'/'.join(where) or 'the top level'} starts with "
+                                  f"{prefix!r}; keys there: {_keys(sub)}")
+        custom = layout or layouts.Layout("custom", "unknown", (where,), (prefix or "",))
+        return where, prefix or "", names, custom
+    if fmt not in (None, "custom"):
+        if fmt == "canonical":
+            raise CheckpointError(f"{path}: --from canonical needs a .safetensors file")
+        layout = layouts.BY_NAME[fmt]
+        found = layouts.match(layout, obj, check_when=False)
+        if found is None:
+            raise CheckpointError(
+                f"{path}: does not hold a {fmt} checkpoint: expected a ResNet under "
+                f"{' or '.join('/'.join(w) or 'the top level' for w in layout.where)} with key prefix "
+                f"{' or '.join(repr(p) for p in layout.prefixes)} ({layout.saved_by}); top-level keys: {_keys(obj)}")
+        return (*found, layout)
+    for layout in layouts.LAYOUTS:
+        found = layouts.match(layout, obj)
+        if found is not None:
+            return (*found, layout)
+    candidates = layouts.find_prefixes(obj)
+    if len(candidates) == 1:
+        where, pre = candidates[0]
+        names = layouts.backbone_candidates(layouts.dig(obj, where), pre, layouts.torchvision_name)
+        return where, pre, names, layouts.Layout("generic", "unknown", (where,), (pre,))
+    if candidates:
+        options = "; ".join(f"--key {'/'.join(w) or '(top level)'} --prefix {p!r}" for w, p in candidates)
+        raise CheckpointError(f"{path}: several ResNet backbones found, choose one with: {options}")
+    raise CheckpointError(
+        f"{path}: no ResNet backbone found (looked for torchvision-style 'conv1.weight' and "
+        f"'layer1.0.conv1.weight' in every known layout); top-level keys: {_keys(obj)}. "
+        "Use --from FORMAT, or --key/--prefix to point at the backbone")
+
+
+# ---- extraction -----------------------------------------------------------------------------------
+
+def _as_tensor(value, name: str, path: Path) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(value).copy())
+    raise CheckpointError(f"{path}: backbone entry '{name}' is a {type(value).__name__}, not a tensor")
+
+
+def _extract(path: Path, obj: dict, sha: str, layout, where, prefix: str, names: dict[str, str],
+             sub: dict) -> Inspection:
+    try:
+        arch = infer_arch({n: sub[orig] for n, orig in names.items()})
+    except ArchError as e:
+        raise CheckpointError(f"{path} ({layout.name} layout): {e}") from None
+    expected = backbone_state_dict(_shape_model(arch))
+    state_dict = {n: _as_tensor(sub[orig], orig, path) for n, orig in names.items() if n in expected}
+    used = {names[n] for n in state_dict}
+    base = "/".join(where)
+    ignored = []
+    # siblings along the path (optimizer, the teacher, heads ...), then unused keys of the model dict
+    node = obj
+    for depth, part in enumerate(where):
+        ignored += ["/".join((*where[:depth], str(k))) for k in node if k != part]
+        node = node[part]
+    ignored += [f"{base}/{k}" if base else str(k) for k in sub
+                if k not in used and not (isinstance(k, str) and k.startswith(prefix)
+                                          and k.endswith("num_batches_tracked"))]
+    ck = LoadedCheckpoint(path=path, state_dict=state_dict, arch=arch, layout=layout.name, sha256=sha,
+                          method=_method(obj, layout), epoch=_epoch(obj), train_config=_train_config(obj, layout),
+                          ignored=ignored)
+    return _with_shape_check(ck, f"{base}/{prefix}" if base else prefix)
+
+
+def _with_shape_check(ck: LoadedCheckpoint, where: str) -> Inspection:
+    expected = backbone_state_dict(_shape_model(ck.arch))
+    missing = sorted(set(expected) - set(ck.state_dict))
+    wrong = [(k, tuple(ck.state_dict[k].shape), tuple(expected[k].shape)) for k in expected
+             if k in ck.state_dict and ck.state_dict[k].shape != expected[k].shape]
+    return Inspection(checkpoint=ck, where=where, missing=missing, wrong_shape=wrong)
+
+
+def _shape_model(arch: str) -> torch.nn.Module:
+    """The torchvision ResNet on the meta device: names and shapes only, no memory, no init cost."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return build_backbone(arch)
+
+
+def _epoch(obj: dict) -> int | None:
+    for value in (obj.get("epoch"), layouts.dig(obj, ("meta", "epoch")), obj.get("train_phase_idx")):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _method(obj: dict, layout) -> str:
+    if layout.name == "solo-learn":
+        hp = obj.get("hyper_parameters")
+        method = hp.get("method") if isinstance(hp, dict) else None
+        if isinstance(method, str):
+            return method
+    if layout.name == "mmseg" and isinstance(layouts.dig(obj, ("meta", "method")), str):
+        return obj["meta"]["method"]   # written by `cgh convert --to mmseg`
+    if layout.name == "cgh-train":
+        cfg = _train_config(obj, layout) or {}
+        method = cfg.get("method")
+        if isinstance(method, str):
+            return method
+    return layout.method
+
+
+def _train_config(obj: dict, layout) -> dict | None:
+    """For our training checkpoints: the same summary the exported canonical sidecar carries."""
+    if layout.name != "cgh-train" or not isinstance(obj.get("config"), dict):
+        return None
+    from omegaconf import OmegaConf
+
+    from cgh.train import train_config_summary
+    try:
+        return train_config_summary(OmegaConf.create(obj["config"]))
+    except (AttributeError, KeyError):   # a config from another version of cgh: keep it whole
+        return obj["config"]
