@@ -1,0 +1,178 @@
+"""Cost of a CGH training step against a plain supervised step, and the two-view loader's speed.
+
+Both steps use the same backbone, batch, resolution, precision (bf16 autocast + channels_last on
+GPU) and SGD; inputs are pre-made tensors on the device so only the step is timed. The CGH step is
+``cgh.train.train_step`` itself (teacher EMA, teacher forward, student forward/backward of both
+branches, queues, loss). The loader benchmark runs the real two-view augmentation through a
+DataLoader and reports images/s, to compare with the step's images/s.
+
+    python benchmarks/pretrain_step.py                       # CPU, small settings
+    python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch-size 256 \
+        --image-size 224 --queue-size 131072 --workers 16    # the GPU target (H100: CGH <= 1.5x)
+    python benchmarks/pretrain_step.py --data-root /data/imagenet --dataset imagenet --workers 16
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cgh_step_fn(args, device):
+    from cgh.train import build_model, load_pretrain_config, param_groups, train_step
+
+    overrides = ["output_dir=unused", "data.root=unused", f"model.arch={args.arch}",
+                 f"model.queue_size={args.queue_size}", f"optim.batch_size={args.batch_size}",
+                 f"run.precision={args.precision}", f"model.teacher_bn={args.teacher_bn}",
+                 f"loss.mode={args.loss_mode}", f"model.hidden_dim={args.hidden_dim}"]
+    cfg = load_pretrain_config(None, overrides)
+    model = build_model(cfg, 1, device)
+    opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
+    b, s = args.batch_size, args.image_size
+    batch = (([torch.randn(b, 3, s, s, device=device)], torch.randn(b, 3, s, s, device=device)),
+             torch.randint(0, 1000, (b,), device=device), torch.arange(b, device=device))
+    state = {"step": 10 ** 6}   # past the loss warm-up: the steady-state step
+
+    def step():
+        train_step(model, model, batch, opt, scaler, cfg, state["step"], 2 * 10 ** 6, 1000, device, 0.05)
+        state["step"] += 1
+    return step
+
+
+def supervised_step_fn(args, device):
+    from cgh.backbone import build_backbone, feature_dim
+    from cgh.train import autocast
+
+    model = nn.Sequential(build_backbone(args.arch), nn.Linear(feature_dim(args.arch), 1000)).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    b, s = args.batch_size, args.image_size
+    x = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last if cuda else
+                                                          torch.contiguous_format)
+    y = torch.randint(0, 1000, (b,), device=device)
+
+    def step():
+        with autocast(device, args.precision):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+class RandomImages(Dataset):
+    """Random RGB PIL images of a fixed size (stands in for decoded JPEGs when no root is given)."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        arr = torch.randint(0, 256, (self.size, self.size, 3), generator=g, dtype=torch.uint8).numpy()
+        return Image.fromarray(arr), 0
+
+
+def loader_images_per_s(args) -> float:
+    from cgh.data.pretrain_dataset import PretrainDataset
+    from cgh.train import build_transform, DataConfig
+
+    if args.data_root:
+        from cgh.data.datasets import build_classification_dataset
+        base = build_classification_dataset(args.dataset, args.data_root, "train", None)
+    else:
+        base = RandomImages(args.batch_size * (args.loader_batches + 2), int(args.image_size * 1.15))
+    ds = PretrainDataset(base, build_transform(DataConfig(root="", image_size=args.image_size,
+                                                          multi_crop=args.multi_crop)))
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=args.workers > 0)
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    t0, n = time.perf_counter(), 0
+    for _ in range(args.loader_batches):
+        batch = next(it)
+        n += batch[1].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default=None, help="default: resnet50 on GPU, resnet18 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 on CPU")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
+    p.add_argument("--queue-size", type=int, default=None, help="default: 131072 on GPU, 4096 on CPU")
+    p.add_argument("--hidden-dim", type=int, default=4096)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--teacher-bn", default="split", choices=["split", "shuffle", "plain"])
+    p.add_argument("--loss-mode", default="cross", choices=["cross", "same", "global"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 2 CPU)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default 8 GPU, 2 CPU)")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches timed in the loader benchmark")
+    p.add_argument("--multi-crop", action="store_true")
+    p.add_argument("--data-root", default="", help="real dataset for the loader benchmark (else random images)")
+    p.add_argument("--dataset", default="imagenet")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--skip-loader", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.arch = args.arch or ("resnet50" if gpu else "resnet18")
+    args.batch_size = args.batch_size or (256 if gpu else 32)
+    args.image_size = args.image_size or (224 if gpu else 64)
+    args.queue_size = args.queue_size or (131072 if gpu else 4096)
+    args.steps = args.steps or (30 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    args.workers = args.workers if args.workers is not None else (8 if gpu else 2)
+    args.loader_batches = args.loader_batches or (20 if gpu else 4)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    precision = args.precision if gpu else "fp32 (CPU)"
+    print(f"device={device} arch={args.arch} batch={args.batch_size} image={args.image_size}px "
+          f"precision={precision} queue={args.queue_size} teacher_bn={args.teacher_bn} loss={args.loss_mode} "
+          f"threads={torch.get_num_threads()}")
+    sup = _median_time(supervised_step_fn(args, device), args.steps, args.warmup, device)
+    cgh = _median_time(cgh_step_fn(args, device), args.steps, args.warmup, device)
+    b = args.batch_size
+    print(f"supervised step: {sup * 1000:.1f} ms median ({b / sup:.1f} img/s)")
+    print(f"CGH step:        {cgh * 1000:.1f} ms median ({b / cgh:.1f} img/s)")
+    print(f"ratio CGH / supervised: {cgh / sup:.2f}x (target on an H100: <= 1.5x)")
+    if not args.skip_loader:
+        rate = loader_images_per_s(args)
+        verdict = "keeps up with" if rate >= b / cgh else "STARVES"
+        print(f"two-view loader: {rate:.1f} img/s with {args.workers} workers -> {verdict} the CGH step")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The layer every classification protocol shares: checkpoint -> backbone, datasets, transforms,
+feature extraction and its on-disk cache.
+
+Features are centre-crop pooled backbone outputs. They are cached under a key made of everything
+that determines them (checkpoint sha256 and how it was read, dataset root/split/file list,
+transform, precision), so re-running kNN or a fast linear probe, or sweeping k and T, costs no
+forward pass, and a changed input can never reuse stale features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from omegaconf import MISSING
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+
+from cgh.backbone import ArchError, build_backbone, load_backbone_weights
+from cgh.config import save_config, to_dict
+from cgh.distributed import barrier, init_distributed, rank, world_size
+from cgh.errors import DatasetError
+from cgh.io import atomic_path
+from cgh.records import RECORD_NAME, write_record
+from transfer.hub import LoadedCheckpoint, load_backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_VERSION = 1
+
+
+@dataclass
+class ProtocolConfig:
+    """Settings every classification protocol shares: which backbone, which data, how to read it."""
+    checkpoint: str = MISSING         # any file transfer.hub reads (canonical, MoCo, ReSSL, ...)
+    output_dir: str = MISSING         # result.json (and the run's own files) go here
+    checkpoint_format: str = ""       # force a hub layout; "" = detect
+    checkpoint_key: str = ""          # hub: sub-dict holding the weights, for unknown layouts
+    checkpoint_prefix: str = ""       # hub: key prefix of the backbone, for unknown layouts
+    arch: str = ""                    # expected ResNet; "" = whatever the checkpoint holds
+    dataset: str = "imagenet"         # a cgh.data.datasets name (imagenet, tiny-imagenet, stl10, cifar10, synthshapes, ...)
+    data_root: str = MISSING
+    train_split: str = "train"
+    val_split: str = "val"
+    resize: int = 256                 # evaluation: Resize(resize) + CenterCrop(crop)
+    crop: int = 224
+    batch_size: int = 256             # global batch (split over processes under torchrun)
+    num_workers: int = -1             # data loader workers per process; -1 = $CGH_NUM_WORKERS or min(8, cores)
+    device: str = "auto"              # auto = this process's GPU if any, else CPU
+
+
+def open_checkpoint(cfg: ProtocolConfig) -> tuple[nn.Module, LoadedCheckpoint]:
+    return load_model(cfg.checkpoint, fmt=cfg.checkpoint_format, key=cfg.checkpoint_key,
+                      prefix=cfg.checkpoint_prefix, arch=cfg.arch)
+
+
+def read_as(cfg: ProtocolConfig) -> dict:
+    """How the checkpoint was read (part of the feature-cache key: one file, several backbones)."""
+    return {k: v for k, v in (("format", cfg.checkpoint_format), ("key", cfg.checkpoint_key),
+                              ("prefix", cfg.checkpoint_prefix)) if v}
+
+
+def workers(cfg: ProtocolConfig) -> int:
+    return default_num_workers() if cfg.num_workers < 0 else cfg.num_workers
+
+
+def write_result(cfg: ProtocolConfig, **record) -> Path:
+    """Process 0 writes ``config.yaml`` and ``result.json`` in ``cfg.output_dir``; every process
+    returns the record's path once it exists."""
+    out = Path(cfg.output_dir)
+    if rank() == 0:
+        save_config(cfg, out)
+        write_record(out, config=to_dict(cfg), **record)
+    barrier()
+    return out / RECORD_NAME
+
+
+# ---------------------------------------------------------------- devices and processes
+def select_device(name: str = "auto") -> torch.device:
+    """This process's device (``auto``: its GPU if any, else CPU); under ``torchrun`` this also joins
+    the process group (NCCL on GPU, gloo on CPU), so every protocol runs multi-process unchanged."""
+    return init_distributed(name)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside ``torch.distributed``."""
+    return rank(), world_size()
+
+
+def default_num_workers() -> int:
+    return int(os.environ.get("CGH_NUM_WORKERS", min(8, os.cpu_count() or 1)))
+
+
+# ---------------------------------------------------------------- backbone
+def load_model(checkpoint: str | os.PathLike, *, fmt: str | None = None, key: str | None = None,
+               prefix: str | None = None, arch: str = "") -> tuple[nn.Module, LoadedCheckpoint]:
+    """Build the checkpoint's ResNet (fc = identity) with every backbone tensor loaded, in eval mode.
+
+    ``arch`` (optional) is what the caller expects; a checkpoint holding another depth is an error
+    rather than a silently different experiment.
+    """
+    ckpt = load_backbone(checkpoint, fmt=fmt or None, key=key or None, prefix=prefix or None)
+    if arch and arch != ckpt.arch:
+        raise ArchError(f"{ckpt.path} holds a {ckpt.arch} backbone but the config asks for {arch}")
+    model = build_backbone(ckpt.arch)
+    load_backbone_weights(model, ckpt.state_dict)
+    return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------- transforms and datasets
+def eval_transform(resize: int, crop: int) -> tuple[Callable, str]:
+    """Resize(shorter side) + CenterCrop + ImageNet normalisation, and a description for cache keys."""
+    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(crop),
+                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return tf, f"resize{resize}-bilinear-centercrop{crop}-imagenet-norm"
+
+
+def train_transform(crop: int) -> Callable:
+    """RandomResizedCrop + horizontal flip: the augmentation of the linear and semi-supervised protocols."""
+    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def build_split(name: str, root: str | os.PathLike, split: str, transform: Callable | None) -> Dataset:
+    """A classification split through the shared dataset builders; an empty split is an error."""
+    from cgh.data.datasets import build_classification_dataset
+
+    ds = build_classification_dataset(name, root, split, transform)
+    if len(ds) == 0:
+        raise DatasetError(f"split '{split}' of the {name} dataset at {root} holds no images")
+    return ds
+
+
+def check_same_classes(train: Dataset, val: Dataset, where: str) -> list[str]:
+    """Train and val must name the same classes in the same order, or labels mean different things."""
+    a, b = list(getattr(train, "classes", [])), list(getattr(val, "classes", []))
+    if a != b:
+        only = sorted(set(a) ^ set(b))[:5]
+        raise DatasetError(f"{where}: train and val splits have different classes "
+                           f"({len(a)} vs {len(b)}; e.g. {', '.join(only) or 'same names, other order'})")
+    return a
+
+
+def targets_of(ds: Dataset) -> list[int]:
+    if isinstance(ds, Subset):
+        base = targets_of(ds.dataset)
+        return [base[i] for i in ds.indices]
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = getattr(ds, "labels", None)
+    if targets is None:
+        raise DatasetError(f"dataset {type(ds).__name__} exposes no targets")
+    return [int(t) for t in targets]
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """sha256 of the ordered file list and labels (or, for array datasets, of the labels and size)."""
+    h = hashlib.sha256()
+    samples = getattr(ds, "samples", None)
+    if samples is not None:
+        root = str(getattr(ds, "root", ""))
+        for path, target in samples:
+            h.update(f"{os.path.relpath(path, root) if root else path}\t{target}\n".encode())
+    else:
+        h.update(f"{type(ds).__name__}\t{len(ds)}\n".encode())
+        h.update(",".join(map(str, targets_of(ds))).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- extraction
+@torch.no_grad()
+def extract_features(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, num_workers: int | None = None,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features [N, D] (float32, CPU) and labels [N] of ``dataset``, in dataset order.
+
+    GPU: bf16 autocast and channels_last, features kept on the GPU until the end (no per-batch host
+    sync). Under ``torch.distributed`` every process embeds every world-th image and the shards are
+    gathered back into dataset order, so the result is the same on every process.
+    """
+    device = torch.device(device)
+    rank, size = world()
+    n = len(dataset)
+    shard = Subset(dataset, range(rank, n, size)) if size > 1 else dataset
+    cuda = device.type == "cuda"
+    was_training = model.training
+    model.eval().to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
+                        num_workers=default_num_workers() if num_workers is None else num_workers,
+                        pin_memory=cuda, drop_last=False)
+    feats, labels = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(images)
+        feats.append(out.float().flatten(1))
+        labels.append(torch.as_tensor(targets).to(device, non_blocking=True))
+    model.train(was_training)
+    if feats:
+        features, targets = torch.cat(feats), torch.cat(labels).long()
+    else:  # a process whose shard is empty (more processes than images)
+        dim = model(torch.zeros(1, 3, 32, 32, device=device)).flatten(1).shape[1]
+        features, targets = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    if size > 1:
+        features, targets = _gather_in_order(features, targets, n, size)
+    return features.cpu(), targets.cpu()
+
+
+def _gather_in_order(features: torch.Tensor, targets: torch.Tensor, n: int, size: int):
+    """Rank r holds items r, r+size, ...: pad the shards to one length, gather, interleave, trim."""
+    per = -(-n // size)
+    pad = per - features.shape[0]
+    features = torch.cat([features, features.new_zeros(pad, features.shape[1])])
+    targets = torch.cat([targets, targets.new_full((pad,), -1)])
+    all_f = [torch.empty_like(features) for _ in range(size)]
+    all_t = [torch.empty_like(targets) for _ in range(size)]
+    dist.all_gather(all_f, features)
+    dist.all_gather(all_t, targets)
+    return (torch.stack(all_f, 1).reshape(per * size, -1)[:n], torch.stack(all_t, 1).reshape(-1)[:n])
+
+
+# ---------------------------------------------------------------- cache
+def feature_cache_key(ckpt: LoadedCheckpoint, *, dataset: str, root: str | os.PathLike, split: str,
+                      fingerprint: str, transform: str, precision: str, read_as: dict | None = None) -> dict:
+    """Everything that determines the features; its hash names the cache file."""
+    return {"version": CACHE_VERSION, "checkpoint_sha256": ckpt.sha256, "layout": ckpt.layout,
+            "read_as": read_as or {}, "dataset": dataset, "root": str(Path(root).resolve()),
+            "split": split, "files_sha256": fingerprint, "transform": transform, "precision": precision}
+
+
+def cached_features(model: nn.Module, ckpt: LoadedCheckpoint, ds: Dataset, *, dataset: str,
+                    root: str | os.PathLike, split: str, transform: str, cache_dir: str | os.PathLike | None,
+                    device: torch.device, batch_size: int = 256, num_workers: int | None = None,
+                    read_as: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(features, labels, hit): read from ``cache_dir`` when present, else extract and store atomically.
+
+    ``cache_dir`` empty or None disables the cache.
+    """
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    key = feature_cache_key(ckpt, dataset=dataset, root=root, split=split, fingerprint=dataset_fingerprint(ds),
+                            transform=transform, precision=precision, read_as=read_as)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = Path(cache_dir) / f"features-{split}-{digest[:20]}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            tensors = load_file(str(path))
+            return tensors["features"], tensors["labels"], True
+        except Exception:  # a foreign or damaged file under our name: recompute and replace it
+            pass
+    features, labels = extract_features(model, ds, batch_size=batch_size, num_workers=num_workers, device=device)
+    if path is not None and world()[0] == 0:
+        with atomic_path(path) as tmp:
+            save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                      metadata={"key": json.dumps(key, sort_keys=True)})
+    return features, labels, False

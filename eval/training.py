@@ -1,0 +1,145 @@
+"""The supervised loop shared by the linear probe and semi-supervised fine-tuning.
+
+One job: train a classifier for some epochs with an epoch-wise learning-rate factor, evaluate top-1/
+top-5, and survive interruption. The run's state (trainable tensors, optimizer, finished epochs)
+is saved atomically after every epoch and reloaded with ``weights_only=True``; each epoch's data
+order and augmentation come from seeds derived from (seed, epoch), so a resumed run sees the same
+batches an uninterrupted one would have. Under ``torch.distributed`` the model is wrapped in DDP,
+the global batch is split over processes and accuracy counts are summed over them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+
+from cgh.errors import CghError
+from cgh.io import atomic_path
+from eval.features import world
+from eval.metrics import topk_correct
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """Cosine decay from 1 to 0 over the run, one value per epoch (MoCo's linear-probe schedule)."""
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def step_factor(epoch: int, milestones: list[int], gamma: float = 0.1) -> float:
+    """x ``gamma`` at each milestone epoch (the semi-supervised recipes: 30/40 or 30/60)."""
+    return gamma ** sum(epoch >= m for m in milestones)
+
+
+def load_state(path: Path, identity: dict) -> dict | None:
+    """The saved run state, or None; a state written for another checkpoint/dataset/setup is an error."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CghError(f"{path}: unreadable run state ({e}); delete it to start over") from None
+    if state.get("identity") != identity:
+        diff = sorted(k for k in set(identity) | set(state.get("identity", {}))
+                      if identity.get(k) != state.get("identity", {}).get(k))
+        raise CghError(f"{path} belongs to a different run (differs in: {', '.join(diff)}); "
+                       "use another output_dir or delete that file to start over")
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int, num_workers: int, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 (percent) over ``ds``; each process scores every world-th image, counts are summed."""
+    rank, size = world()
+    shard = Subset(ds, range(rank, len(ds), size)) if size > 1 else ds
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.long)   # top-1 hits, top-5 hits, images
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        hits = topk_correct(logits.float(), targets, (1, 5))
+        counts += torch.stack([hits[1], hits[5], torch.tensor(targets.shape[0], device=device)])
+    if size > 1:
+        dist.all_reduce(counts)
+    n = counts[2].item()
+    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n}
+
+
+def _to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.as_tensor(targets).to(device, non_blocking=True)
+
+
+def fit(model: nn.Module, train_ds: Dataset, *, optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float],
+        epochs: int, batch_size: int, num_workers: int, device: torch.device, state_module: nn.Module,
+        state_path: Path, identity: dict, seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """Train ``model`` for ``epochs`` (resuming from ``state_path``); return per-epoch history.
+
+    ``state_module`` is the part whose tensors change (the head of a linear probe, the whole
+    network when fine-tuning); ``identity`` must match a saved state for it to be resumed. Each
+    param group's lr is its ``initial_lr`` times ``lr_factor(epoch)``.
+    """
+    rank, size = world()
+    if batch_size % size:
+        raise CghError(f"batch_size {batch_size} is not divisible by the {size} processes")
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    model.to(device)    # before loading optimizer state, which follows its parameters' device
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    history: list[dict] = []
+    start = 0
+    state = load_state(state_path, identity)
+    if state is not None:
+        state_module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = list(state["history"]), int(state["epoch"])
+        log(f"resuming from {state_path} after epoch {start}")
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if size > 1 else model
+    for epoch in range(start, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(epoch)
+        torch.manual_seed(seed * 100003 + epoch)          # augmentation in the main process
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)  # data order and worker seeds
+        if size > 1:
+            sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(train_ds, generator=gen)
+        loader = DataLoader(train_ds, batch_size=batch_size // size, sampler=sampler, num_workers=num_workers,
+                            pin_memory=device.type == "cuda", drop_last=len(train_ds) >= batch_size, generator=gen,
+                            persistent_workers=False)
+        net.train()
+        loss_sum = torch.zeros((), device=device)
+        steps = 0
+        for images, targets in loader:
+            images, targets = _to_device(images, targets, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = net(images)
+            loss = F.cross_entropy(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            steps += 1
+        loss_mean = loss_sum.item() / max(steps, 1)
+        if not math.isfinite(loss_mean):
+            raise CghError(f"training loss became {loss_mean} in epoch {epoch + 1}; lower the learning rate")
+        history.append({"epoch": epoch + 1, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"]})
+        log(f"epoch {epoch + 1}/{epochs} loss {loss_mean:.4f}")
+        if rank == 0:
+            with atomic_path(state_path) as tmp:
+                torch.save({"model": state_module.state_dict(), "optimizer": optimizer.state_dict(),
+                            "epoch": epoch + 1, "history": history, "identity": identity}, tmp)
+    return history

@@ -1,0 +1,207 @@
+"""kNN protocol: the vote equals a brute-force reference, chunking changes nothing, the feature
+cache skips the forward pass, a pretrained backbone beats random init, bad input fails clearly."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cgh.backbone import ArchError
+from cgh.config import ConfigError
+from cgh.errors import CghError, DatasetError
+from cgh.records import read_record
+from eval import features as features_mod
+from eval import knn
+from eval.knn import weighted_knn
+from eval.metrics import topk_accuracy
+from _helpers_eval import knn_cfg, synth_cls_root  # noqa: F401  (fixture)
+
+
+def clustered(n_train=400, n_test=150, dim=24, classes=7, seed=0):
+    """Noisy class clusters: accuracy is high but not perfect, so the vote matters."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    ytr = torch.randint(0, classes, (n_train,), generator=g)
+    yte = torch.randint(0, classes, (n_test,), generator=g)
+    xtr = centres[ytr] + 1.3 * torch.randn(n_train, dim, generator=g)
+    xte = centres[yte] + 1.3 * torch.randn(n_test, dim, generator=g)
+    return xtr, ytr, xte, yte
+
+
+def brute_force_knn(xtr, ytr, xte, k, temperature, classes):
+    """One query at a time, float64, sorted neighbours, a Python vote: the definition, slowly."""
+    xtr = xtr.double().numpy()
+    xte = xte.double().numpy()
+    xtr = xtr / np.linalg.norm(xtr, axis=1, keepdims=True)
+    out = np.zeros((len(xte), classes))
+    for i, q in enumerate(xte):
+        q = q / np.linalg.norm(q)
+        sims = [float(np.dot(q, row)) for row in xtr]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        for j in order:
+            out[i, int(ytr[j])] += math.exp(sims[j] / temperature)
+    return out
+
+
+def test_weighted_knn_equals_brute_force():
+    xtr, ytr, xte, yte = clustered()
+    ks = (1, 10, 20, 100)
+    scores = weighted_knn(xtr, ytr, xte, 7, ks=ks, temperature=0.07)
+    for k in ks:
+        ref = brute_force_knn(xtr, ytr, xte, k, 0.07, 7)
+        ours = scores[k].double().numpy()
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-30)
+        assert (ours.argmax(1) == ref.argmax(1)).all()
+        ref_top1 = 100.0 * (ref.argmax(1) == yte.numpy()).mean()
+        assert topk_accuracy(scores[k], yte, (1,))[1] == pytest.approx(ref_top1)
+    # The task is neither trivial nor hopeless, so the comparison above is informative.
+    assert 40 < topk_accuracy(scores[20], yte, (1,))[1] < 100
+
+
+def test_chunked_equals_unchunked():
+    xtr, ytr, xte, _ = clustered(n_train=900, n_test=333, seed=1)
+    ks = (10, 20, 200)
+    whole = weighted_knn(xtr, ytr, xte, 7, ks=ks, chunk_size=len(xte))
+    for chunk in (7, 64, 100):
+        part = weighted_knn(xtr, ytr, xte, 7, ks=ks, chunk_size=chunk)
+        for k in ks:
+            assert torch.equal(part[k], whole[k]), (chunk, k)
+    # One row at a time goes through a matrix-vector BLAS kernel: equal up to rounding.
+    single = weighted_knn(xtr, ytr, xte[:40], 7, ks=ks, chunk_size=1)
+    for k in ks:
+        torch.testing.assert_close(single[k], whole[k][:40], rtol=1e-5, atol=0)
+        assert torch.equal(single[k].argmax(1), whole[k][:40].argmax(1))
+
+
+def test_weighted_knn_rejects_bad_k():
+    xtr, ytr, xte, _ = clustered(n_train=30, n_test=5)
+    with pytest.raises(ValueError, match="1..30"):
+        weighted_knn(xtr, ytr, xte, 7, ks=(31,))
+    with pytest.raises(ValueError, match="labels"):
+        weighted_knn(xtr, ytr[:-1], xte, 7, ks=(3,))
+
+
+def test_topk_accuracy_by_hand():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.4, 0.1, 0.5], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([1, 2, 0, 0])
+    acc = topk_accuracy(scores, labels, (1, 2, 5))
+    assert acc[1] == pytest.approx(50.0)      # rows 0 and 3
+    assert acc[2] == pytest.approx(75.0)      # + row 2 (label 0 second best); row 1's label ranks last
+    assert acc[5] == pytest.approx(100.0)     # k beyond the class count: every row
+
+
+def test_protocol_record_and_cache_hit(synth_cls_root, random_ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cfg = knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "a", ks=[5, 10, 20], cache_dir=cache)
+    rec = read_record(knn.run(cfg))
+    assert rec["protocol"] == "knn"
+    assert rec["extra"]["feature_cache"] == {"train": "miss", "val": "miss"}
+    m = rec["metrics"]
+    best = int(m["best_k"])
+    assert best in (5, 10, 20)
+    assert m["top1"] == m[f"top1_k{best}"] == max(m[f"top1_k{k}"] for k in (5, 10, 20))
+    assert all(m[f"top1_k{k}"] <= m[f"top5_k{k}"] <= 100 for k in (5, 10, 20))
+    assert rec["dataset"]["split"] == "val" and rec["checkpoint"]["arch"] == "resnet18"
+
+    # Second run, other k and T: the features come from the cache; any forward pass would raise.
+    def no_forward(*a, **k):
+        raise AssertionError("feature extraction ran despite a cache hit")
+    monkeypatch.setattr(features_mod, "extract_features", no_forward)
+    cfg2 = knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "b", ks=[5, 10, 20], cache_dir=cache)
+    rec2 = read_record(knn.run(cfg2))
+    assert rec2["extra"]["feature_cache"] == {"train": "hit", "val": "hit"}
+    assert rec2["metrics"] == rec["metrics"]
+    cfg3 = knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "c", ks=[3], temperature=0.5, cache_dir=cache)
+    assert read_record(knn.run(cfg3))["extra"]["feature_cache"]["train"] == "hit"
+    # Another transform is another cache key: it must extract (and so hit the patched function).
+    cfg4 = knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "d", crop=56, cache_dir=cache, ks=[5])
+    with pytest.raises(AssertionError, match="cache hit"):
+        knn.run(cfg4)
+
+
+def test_cached_features_equal_fresh_extraction(synth_cls_root, random_ckpt, tmp_path):
+    model, ckpt = features_mod.load_model(random_ckpt)
+    tf, desc = features_mod.eval_transform(64, 64)
+    ds = features_mod.build_split("synthshapes", synth_cls_root, "val", tf)
+    kw = dict(dataset="synthshapes", root=synth_cls_root, split="val", transform=desc, cache_dir=tmp_path,
+              device=torch.device("cpu"), batch_size=32, num_workers=0)
+    f1, y1, hit1 = features_mod.cached_features(model, ckpt, ds, **kw)
+    f2, y2, hit2 = features_mod.cached_features(model, ckpt, ds, **kw)
+    assert (hit1, hit2) == (False, True)
+    assert torch.equal(f1, f2) and torch.equal(y1, y2)
+    assert y1.tolist() == ds.targets
+    with torch.no_grad():   # independent of the loader: the first images one by one
+        ref = torch.stack([model(ds[i][0][None])[0] for i in range(3)])
+    torch.testing.assert_close(f1[:3], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_beats_random(synth_root, pretrained_ckpt, random_ckpt, tmp_path):
+    """kNN separates a short CGH pretraining from random init on synthshapes (shared fixtures),
+    evaluated at the 32 px the demo pretraining uses."""
+    top1 = {}
+    for name, ckpt in (("pretrained", pretrained_ckpt), ("random", random_ckpt)):
+        cfg = knn_cfg(knn, ckpt, synth_root, tmp_path / name, ks=[10, 20], cache_dir="", resize=32, crop=32)
+        top1[name] = read_record(knn.run(cfg))["metrics"]["top1"]
+    assert top1["pretrained"] > top1["random"] + 5, top1
+
+
+def test_bad_inputs_fail_clearly(synth_cls_root, random_ckpt, tmp_path):
+    with pytest.raises(ArchError, match="resnet18 backbone but the config asks for resnet50"):
+        knn.run(knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "o", arch="resnet50"))
+    with pytest.raises(ConfigError, match="exceeds the 300 images"):
+        knn.run(knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "o", ks=[301], cache_dir=""))
+    # Val split lacking one class: labels would mean different things.
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_cls_root / "classification", bad / "classification")
+    shutil.rmtree(bad / "classification" / "val" / "star")
+    with pytest.raises(DatasetError, match="different classes.*star"):
+        knn.run(knn_cfg(knn, random_ckpt, bad, tmp_path / "o", cache_dir=""))
+    # Empty split: class folders without images.
+    for d in (bad / "classification" / "val").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+    with pytest.raises(DatasetError, match="val"):
+        knn.run(knn_cfg(knn, random_ckpt, bad, tmp_path / "o", cache_dir=""))
+    with pytest.raises(CghError, match="checkpoint not found"):
+        knn.run(knn_cfg(knn, tmp_path / "nope.safetensors", synth_cls_root, tmp_path / "o"))
+
+
+def test_sharded_extraction_equals_single_process(tmp_path):
+    """Two gloo processes each embed every other image; the gathered result is in dataset order."""
+    import torch.multiprocessing as mp
+    from torch.utils.data import TensorDataset
+
+    from _helpers_eval import ddp_extract_worker
+    from cgh.backbone import build_backbone
+
+    mp.spawn(ddp_extract_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = build_backbone("resnet18")
+    x = torch.randn(11, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref, labels = features_mod.extract_features(model, TensorDataset(x, torch.arange(11)), batch_size=4,
+                                                num_workers=0)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["labels"], labels)          # 0..10: order restored, padding trimmed
+        torch.testing.assert_close(got["features"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_flags_map_to_config_keys(synth_cls_root, random_ckpt, tmp_path, capsys):
+    from cgh.cli import main
+
+    out = tmp_path / "cli"
+    code = main(["eval", "knn", "--config", "eval/knn_synth", "--checkpoint", str(random_ckpt),
+                 "--data-root", str(synth_cls_root), "-o", str(out), "resize=32", "crop=32", "ks=[5,10]",
+                 "num_workers=0", f"cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    rec = read_record(out / "result.json")
+    assert rec["config"]["ks"] == [5, 10] and rec["config"]["dataset"] == "synthshapes"
+    assert rec["config"]["temperature"] == 0.07 and rec["config"]["checkpoint"] == str(random_ckpt)
+    assert "record:" in capsys.readouterr().out
+    # A user error is one line on stderr and exit status 2.
+    code = main(["eval", "knn", "--config", "eval/knn_synth", "--checkpoint", str(tmp_path / "missing.safetensors"),
+                 "--data-root", str(synth_cls_root), "-o", str(out)])
+    assert code == 2 and "checkpoint not found" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Linear probe: the head learns, the backbone stays frozen, runs resume exactly, the fast mode is
+labelled as its own protocol, a pretrained backbone beats random init, bad input fails clearly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cgh.backbone import build_backbone
+from cgh.errors import CghError
+from cgh.records import read_record
+from eval import linear
+from eval.training import cosine_factor
+from _helpers_eval import knn_cfg, synth_cls_root  # noqa: F401  (fixture)
+
+
+def test_cosine_schedule_by_hand():
+    assert cosine_factor(0, 100) == 1.0
+    assert cosine_factor(50, 100) == pytest.approx(0.5)
+    assert cosine_factor(99, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_fast_probe_learns_separable_features():
+    """On linearly separable features the head must reach 100% (and chance is 20%)."""
+    g = torch.Generator().manual_seed(0)
+    centres = 5 * torch.eye(5, 16)
+    ytr, yva = torch.arange(200) % 5, torch.arange(50) % 5
+    xtr = centres[ytr] + 0.3 * torch.randn(200, 16, generator=g)
+    xva = centres[yva] + 0.3 * torch.randn(50, 16, generator=g)
+    cfg = linear.Config(checkpoint="-", output_dir="-", data_root="-", epochs=20, lr=0.5, batch_size=32)
+    metrics, history = linear.fit_on_features(xtr, ytr, xva, yva, 5, cfg, torch.device("cpu"))
+    assert metrics["top1"] == 100.0
+    assert len(history) == 20 and history[-1]["loss"] < history[0]["loss"] / 5
+
+
+def test_probe_keeps_backbone_frozen():
+    torch.manual_seed(0)
+    probe = linear.LinearProbe(build_backbone("resnet18"), 512, 3)
+    before = {k: v.clone() for k, v in probe.backbone.state_dict().items()}
+    opt = torch.optim.SGD(probe.head.parameters(), lr=1.0)
+    probe.train()
+    assert not probe.backbone.training and probe.head.training
+    loss = torch.nn.functional.cross_entropy(probe(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in probe.backbone.parameters())
+    after = probe.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)   # incl. BN running statistics
+
+
+def test_full_probe_resumes_exactly(synth_cls_root, random_ckpt, tmp_path, monkeypatch):
+    kw = dict(epochs=2, lr=3.0, batch_size=50, resize=32, crop=32)   # 32 px: a quarter of the compute
+    whole = read_record(linear.run(knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "whole", **kw)))
+    assert whole["protocol"] == "linear" and len(whole["extra"]["history"]) == 2
+    assert 0 <= whole["metrics"]["top1"] <= whole["metrics"]["top5"] <= 100
+
+    # Interrupt at the start of epoch 2 (after epoch 1's state was saved), then run again.
+    real = linear.cosine_factor
+
+    def crash(epoch, epochs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(epoch, epochs)
+    monkeypatch.setattr(linear, "cosine_factor", crash)
+    cfg = knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "resumed", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        linear.run(cfg)
+    assert torch.load(tmp_path / "resumed" / linear.STATE_NAME, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(linear, "cosine_factor", real)
+    resumed = read_record(linear.run(cfg))
+    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["extra"]["history"] == whole["extra"]["history"]
+    a = torch.load(tmp_path / "whole" / linear.STATE_NAME, weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / linear.STATE_NAME, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The saved state belongs to this checkpoint and setup: another one is refused, not mixed in.
+    with pytest.raises(CghError, match="different run.*epochs"):
+        linear.run(knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "whole", **{**kw, "epochs": 3}))
+
+
+def test_fast_mode_is_its_own_protocol(synth_cls_root, random_ckpt, tmp_path):
+    cfg = knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "f", fast="true", epochs=5, lr=3.0,
+                  resize=32, crop=32, cache_dir=str(tmp_path / "cache"))
+    rec = read_record(linear.run(cfg))
+    assert rec["protocol"] == "linear_fast"
+    assert rec["extra"]["feature_cache"] == {"train": "miss", "val": "miss"}
+    assert not (tmp_path / "f" / linear.STATE_NAME).exists()
+
+
+def test_pretrained_beats_random(synth_root, pretrained_ckpt, random_ckpt, tmp_path):
+    """Fast linear probe (centre-crop features, 30 epochs, 32 px as in the demo pretraining) on the
+    shared synthshapes fixtures."""
+    top1 = {}
+    for name, ckpt in (("pretrained", pretrained_ckpt), ("random", random_ckpt)):
+        cfg = knn_cfg(linear, ckpt, synth_root, tmp_path / name, fast="true", epochs=30, lr=3.0, cache_dir="",
+                      resize=32, crop=32)
+        top1[name] = read_record(linear.run(cfg))["metrics"]["top1"]
+    assert top1["pretrained"] > top1["random"] + 5, top1

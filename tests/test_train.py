@@ -1,0 +1,108 @@
+"""Pretraining engine: outputs of a run, bad input, NaN stop, corrupt images, learning signal."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from _helpers_trainer import tiny_overrides, tiny_synth
+from cgh.cli import main as cli_main
+from cgh.errors import CghError, DatasetError
+from cgh.io import sha256_file
+from cgh.train import load_pretrain_config, pretrain
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tiny_synth(tmp_path_factory.mktemp("synth"))
+
+
+def _cfg(root, out, *extra):
+    return load_pretrain_config("pretrain/demo_synth", tiny_overrides(root, out) + list(extra))
+
+
+# ------------------------------------------------------------------------------- bad config
+def test_queue_not_divisible_by_global_batch(tmp_path, synth):
+    with pytest.raises(CghError, match=r"queue_size \(40\).*global batch size \(16"):
+        pretrain(_cfg(synth, tmp_path / "o", "model.queue_size=40"))
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_unknown_layer_name(tmp_path, synth):
+    with pytest.raises(CghError, match=r"'layer5'.*valid names: layer1, layer2, layer3, layer4"):
+        pretrain(_cfg(synth, tmp_path / "o", "model.layers=[layer3,layer5]"))
+
+
+# ------------------------------------------------------------------------------- corrupt images
+def _corrupt_copy(synth, dst):
+    """A copy of the tiny set whose first training image (class folder order) is truncated."""
+    shutil.copytree(synth, dst)
+    first_class = sorted((dst / "classification" / "train").iterdir())[0]
+    victim = sorted(first_class.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    return dst, victim
+
+
+def test_corrupt_image_skipped_and_counted_or_fatal(tmp_path, synth):
+    from cgh.data.datasets import build_classification_dataset
+    from cgh.data.pretrain_dataset import PretrainDataset
+
+    root, victim = _corrupt_copy(synth, tmp_path / "bad")
+    base = build_classification_dataset("synthshapes", root, "train", None)
+    assert base.samples[0][0] == str(victim)
+    ds = PretrainDataset(base, transform=lambda img: img.size)
+    size, label, index, skipped = ds[0]
+    # replaced deterministically by the next image (same batch size), and counted
+    assert (index, skipped, label) == (1, 1, base.samples[1][1]) and size == (32, 32)
+    assert ds[0] == ds[0] and ds[2][2:] == (2, 0)
+    strict = PretrainDataset(base, transform=lambda img: img.size, strict_images=True)
+    with pytest.raises(DatasetError, match=victim.name):
+        strict[0]
+
+
+# ------------------------------------------------------------------------------- a run, then NaN
+def test_run_outputs_then_nan_stops_and_keeps_last_checkpoint(tmp_path, synth, capsys):
+    root, victim = _corrupt_copy(synth, tmp_path / "bad")
+    out = tmp_path / "run"
+    path = pretrain(_cfg(root, out, "optim.epochs=1"))
+
+    # the outputs other parts read
+    assert path == out / "backbone.safetensors" and path.is_file()
+    side = json.loads((out / "backbone.json").read_text())
+    assert side["method"] == "cgh" and side["arch"] == "resnet18" and side["epoch"] == 1
+    assert side["train_config"]["loss_mode"] == "cross" and side["train_config"]["layers"] == ["layer3", "layer4"]
+    ckpt = out / "checkpoints" / "epoch_0001.pt"
+    assert side["source_sha256"] == sha256_file(ckpt)
+    assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["protocol"] == "pretrain" and rec["checkpoint"]["sha256"] == side["sha256"]
+    assert rec["checkpoint"]["train"]["tau_h"] == 0.08
+    hist = rec["extra"]["history"]
+    assert len(hist) == 1 and {"loss", "gh", "hg", "infonce", "lr", "momentum", "knn_top1", "pos_precision",
+                               "pos_recall"} <= set(hist[0])
+    assert rec["metrics"]["knn_top1"] == hist[0]["knn_top1"] and 0 <= rec["metrics"]["knn_top1"] <= 100
+    assert set(rec["extra"]["positive_selection"]) == {"0.05"}
+    # the truncated file was passed over once per epoch and counted
+    assert rec["extra"]["skipped_images"] == 1 and hist[0]["skipped_images"] == 1
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "loss", "gh", "hg", "lr", "knn_top1", "pos_recall", "skipped_images"} <= set(header)
+
+    # continue for more epochs with an absurd learning rate: the loss turns NaN, training stops with
+    # a clear message (through the CLI: one line, exit status 2) and the last good checkpoint stays
+    before = sha256_file(ckpt)
+    argv = ["pretrain", "--config", "pretrain/demo_synth", "--resume", "auto",
+            *tiny_overrides(root, out), "optim.epochs=3", "optim.base_lr=1e30", "optim.warmup_epochs=0"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and "epoch 2" in err and "epoch_0001.pt" in err and "is kept" in err
+    assert sha256_file(ckpt) == before
+    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["epoch_0001.pt"]
+
+
+def test_strict_images_is_fatal_in_a_run(tmp_path, synth):
+    root, victim = _corrupt_copy(synth, tmp_path / "bad")
+    with pytest.raises(DatasetError, match="strict_images"):
+        pretrain(_cfg(root, tmp_path / "o", "data.strict_images=true", "optim.epochs=1",
+                      "monitor.knn_every=0"))
