@@ -1,0 +1,414 @@
+"""What VOC detection and COCO instance segmentation share: one detectron2 run per seed, then a record.
+
+The flow of ``run_detectron2_protocol`` (used by ``transfer.voc`` and ``transfer.coco``):
+
+1. read the checkpoint through ``transfer.hub`` and check the data paths, so bad input fails before
+   anything is built or trained;
+2. convert the backbone to detectron2's ``.pkl`` (``transfer.convert.save_detectron2``) and build the
+   complete detectron2 config (YAML under ``configs/transfer/detectron2/`` + overrides + depth, norm,
+   device, datasets, weights), saved next to the run;
+3. per seed, train with detectron2's ``DefaultTrainer`` (through ``detectron2.engine.launch`` for
+   several GPUs or machines), resuming from the seed folder's last checkpoint; before the first
+   iteration every backbone tensor of the built model is compared with the checkpoint
+   (``transfer.backbone_check``) and the report saved;
+4. the task's evaluator (PASCAL VOC or COCO) runs at the end of training; the per-seed metrics and
+   their mean/std land in ``result.json``.
+
+The protocol modules provide only their dataset part (see ``Detectron2Task``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import MISSING
+
+from cgh.backbone import ArchError
+from cgh.config import ConfigError, resolve_config_path, save_config, to_dict
+from cgh.errors import CghError
+from cgh.io import atomic_write_json
+from cgh.records import RunTimer, write_record
+from transfer.backbone_check import compare_backbone, require_equal_backbone
+from transfer.compat.detectron2_compat import import_detectron2
+from transfer.convert import from_detectron2_name, save_detectron2
+from transfer.hub import LoadedCheckpoint, load_backbone
+
+log = logging.getLogger(__name__)
+
+SEED_RESULT = "cgh_seed_result.json"     # written by the main process of each seed's run
+BACKBONE_REPORT = "backbone_check.json"
+WEIGHTS_NAME = "backbone_detectron2.pkl"
+
+# torchvision arch -> (MODEL.RESNETS.DEPTH, RES2_OUT_CHANNELS, WIDTH_PER_GROUP)
+D2_RESNETS = {
+    "resnet18": (18, 64, 64), "resnet34": (34, 64, 64), "resnet50": (50, 256, 64),
+    "resnet101": (101, 256, 64), "resnet152": (152, 256, 64), "wide_resnet50_2": (50, 256, 128),
+}
+_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+
+
+@dataclass
+class Detectron2Config:
+    """Settings shared by the detectron2 protocols (``voc``, ``coco``); defaults follow MoCo."""
+    checkpoint: str = MISSING
+    output_dir: str = MISSING
+    # detectron2 YAML (path, or name under configs/); complete and self-contained.
+    detectron2_config: str = MISSING
+    # Overrides of detectron2 keys, nested like its YAML: {SOLVER: {MAX_ITER: 200}}; on the command
+    # line: detectron2.SOLVER.MAX_ITER=200.
+    detectron2: dict[str, Any] = field(default_factory=dict)
+    # "auto": MODEL.RESNETS.DEPTH (and R18/R34 widths) from the checkpoint; a number must match it.
+    depth: str = "auto"
+    # "auto": the YAML's SyncBN on GPU, BN on CPU (SyncBatchNorm needs CUDA); or BN/SyncBN/...
+    norm: str = "auto"
+    device: str = "auto"                 # auto | cpu | cuda
+    seeds: int = 1                       # repeat with SEED = first_seed + i; the record has mean/std
+    first_seed: int = 0
+    gpus: int = 1                        # GPUs per machine (detectron2.engine.launch)
+    num_machines: int = 1
+    machine_rank: int = 0
+    dist_url: str = "auto"
+    resume: bool = True                  # continue from each seed folder's last checkpoint
+    dataset_name: str = MISSING          # the record's dataset.name
+
+
+@dataclass
+class DatasetSpec:
+    """Registered detectron2 datasets for one run (names are registered in every process)."""
+    train: list[str]
+    test: str
+    classes: list[str]
+    record: dict                         # the record's ``dataset`` block
+
+
+class Detectron2Task(Protocol):
+    """What ``transfer.voc`` / ``transfer.coco`` provide (module-level, importable by name)."""
+    PROTOCOL: str
+
+    def check_data(self, cfg) -> None: ...
+    def register_datasets(self, cfg) -> DatasetSpec: ...
+    def build_evaluator(self, cfg_d2, dataset_name: str, output_dir: str): ...
+    def metrics(self, results: dict) -> dict[str, float]: ...
+
+
+# ---- detectron2 pieces ------------------------------------------------------------------------------
+
+def register_extra_norm_roi_heads() -> None:
+    """Register ``Res5ROIHeadsExtraNorm``: the res5 ROI head of R-C4, depth-aware, plus one norm.
+
+    MoCo's detection protocol appends a norm layer after res5 so that the head's features are
+    normalised like the backbone's. detectron2's own res5 head is always three bottleneck blocks;
+    here R18/R34 get their basic blocks, so a small ResNet's layer4 loads into the head too.
+    """
+    import_detectron2()
+    from torch import nn
+    from detectron2.layers import get_norm
+    from detectron2.modeling import ROI_HEADS_REGISTRY
+    from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
+    from detectron2.modeling.roi_heads import Res5ROIHeads
+
+    if "Res5ROIHeadsExtraNorm" in ROI_HEADS_REGISTRY:
+        return
+
+    @ROI_HEADS_REGISTRY.register()
+    class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+        @classmethod
+        def _build_res5_block(cls, cfg):
+            depth, norm = cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NORM
+            if depth in (18, 34):
+                out_channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
+                n = {18: 2, 34: 3}[depth]
+                blocks = ResNet.make_stage(BasicBlock, n, stride_per_block=[2] + [1] * (n - 1),
+                                           in_channels=out_channels // 2, out_channels=out_channels,
+                                           norm=norm)
+                seq = nn.Sequential(*blocks)
+            else:
+                seq, out_channels = super()._build_res5_block(cfg)
+            seq.add_module("norm", get_norm(norm, out_channels))
+            return seq, out_channels
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += _flatten(v, key + ".") if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def _get(cfg_d2, key: str):
+    node = cfg_d2
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device': expected auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is cuda but no CUDA device is available")
+    return device
+
+
+def check_depth(cfg, arch: str) -> tuple[int, int, int]:
+    """detectron2's (DEPTH, RES2_OUT_CHANNELS, WIDTH_PER_GROUP) for ``arch``; ``ArchError`` when the
+    config asks for another depth than the checkpoint has (``depth=auto`` takes the checkpoint's)."""
+    if arch not in D2_RESNETS:
+        raise ArchError(f"{arch} has no detectron2 ResNet equivalent; supported: {', '.join(D2_RESNETS)}")
+    depth, res2, width = D2_RESNETS[arch]
+    if str(cfg.depth) != "auto" and (not str(cfg.depth).isdigit() or int(cfg.depth) != depth):
+        raise ArchError(f"the checkpoint {cfg.checkpoint} is a {arch} (depth {depth}) but the config "
+                        f"asks for depth {cfg.depth}; use depth=auto or a checkpoint of depth {cfg.depth}")
+    return depth, res2, width
+
+
+def build_detectron2_config(cfg, arch: str, weights: str | os.PathLike, device: str, data: DatasetSpec,
+                            output_dir: str | os.PathLike, seed: int):
+    """The complete detectron2 ``CfgNode`` of one run (YAML + overrides + what the run decides)."""
+    import_detectron2()
+    from detectron2.config import get_cfg
+
+    c = get_cfg()
+    c.merge_from_file(str(resolve_config_path(cfg.detectron2_config)))
+    pairs = []
+    for key, value in _flatten(to_dict(cfg.detectron2)):
+        current = _get(c, key)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)     # yacs refuses 1 for a float key; YAML users write 1
+        pairs += [key, value]
+    try:
+        c.merge_from_list(pairs)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"config key 'detectron2': {e}") from None
+
+    depth, res2, width = check_depth(cfg, arch)
+    c.MODEL.RESNETS.DEPTH, c.MODEL.RESNETS.RES2_OUT_CHANNELS = depth, res2
+    c.MODEL.RESNETS.WIDTH_PER_GROUP = width
+
+    if cfg.norm == "auto":
+        if device == "cpu":
+            for key in _NORM_KEYS:
+                if _get(c, key) in ("SyncBN", "naiveSyncBN"):
+                    c.merge_from_list([key, "BN"])
+    else:
+        for key in _NORM_KEYS:
+            if key == "MODEL.RESNETS.NORM" or _get(c, key):
+                c.merge_from_list([key, cfg.norm])
+
+    c.MODEL.DEVICE = device
+    c.MODEL.WEIGHTS = str(weights)
+    c.MODEL.ROI_HEADS.NUM_CLASSES = len(data.classes)
+    c.DATASETS.TRAIN = tuple(data.train)
+    c.DATASETS.TEST = (data.test,)
+    c.OUTPUT_DIR = str(output_dir)
+    c.SEED = int(seed)
+    if os.environ.get("CGH_NUM_WORKERS"):    # the test suite asks for in-process data loading
+        c.DATALOADER.NUM_WORKERS = int(os.environ["CGH_NUM_WORKERS"])
+    c.freeze()
+    return c
+
+
+_D2_BACKBONE = re.compile(r"^(?:backbone\.(?:bottom_up\.)?|roi_heads\.)((?:stem|res[2-5])\..*)$")
+
+
+def detectron2_to_torchvision_name(name: str) -> str | None:
+    """Model parameter name -> torchvision name; ``None`` for layers the checkpoint does not provide
+    (FPN, heads, and the extra norm after res5)."""
+    m = _D2_BACKBONE.match(name)
+    if not m or m.group(1).startswith("res5.norm."):
+        return None
+    return from_detectron2_name(m.group(1))
+
+
+def verify_detectron2_backbone(model, reference: dict, report_path: str | os.PathLike | None = None) -> dict:
+    """Every backbone tensor of a built detectron2 model must equal the checkpoint's (else raise)."""
+    model = getattr(model, "module", model)    # DistributedDataParallel
+    report = compare_backbone(model.state_dict(), reference, detectron2_to_torchvision_name)
+    return require_equal_backbone(report, report_path)
+
+
+def _json_numbers(tree):
+    """Evaluator output as plain JSON: floats, with NaN/inf (e.g. AP of an absent size) as None."""
+    if isinstance(tree, dict):
+        return {str(k): _json_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_json_numbers(v) for v in tree]
+    if isinstance(tree, (int, float)) or hasattr(tree, "item"):
+        v = float(tree)
+        return v if math.isfinite(v) else None
+    return tree
+
+
+def _mean_iteration_time(output_dir: Path) -> float | None:
+    """Mean of detectron2's per-iteration ``time`` (s) from its metrics.json, first 10% excluded."""
+    path = output_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    times = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "time" in row:
+            times.append(float(row["time"]))
+    times = times[len(times) // 10:]
+    return sum(times) / len(times) if times else None
+
+
+# ---- one seed (runs in every process of a launch) -----------------------------------------------------
+
+def _train_one_seed(task_module: str, cfg_dict: dict, cfg_d2, reference: dict, resume: bool) -> None:
+    import_detectron2()
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    task = importlib.import_module(task_module)
+    task.register_datasets(cfg_dict)          # each spawned process has its own catalogs
+    register_extra_norm_roi_heads()
+    out = Path(cfg_d2.OUTPUT_DIR)
+    d2_logger = setup_logger(distributed_rank=comm.get_rank(), name="detectron2")  # console, once
+    log_file = logging.FileHandler(out / f"log_rank{comm.get_rank()}.txt")
+    log_file.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
+    d2_logger.addHandler(log_file)
+    try:
+        _train(task, cfg_d2, reference, resume, out)
+    finally:
+        d2_logger.removeHandler(log_file)
+        log_file.close()
+
+
+def _train(task, cfg_d2, reference: dict, resume: bool, out: Path) -> None:
+    from detectron2.engine import DefaultTrainer, hooks
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(cfg_d2.SEED + comm.get_rank())
+
+    class Trainer(DefaultTrainer):
+        """DefaultTrainer whose evaluation is the task's evaluator, run once after training."""
+        @classmethod
+        def build_evaluator(cls, c, dataset_name):
+            return task.build_evaluator(c, dataset_name, str(out / "inference"))
+
+        def build_hooks(self):
+            return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+    trainer = Trainer(cfg_d2)
+    resuming = resume and trainer.checkpointer.has_checkpoint()
+    trainer.resume_or_load(resume=resume)
+    if resuming:
+        log.info("resumed from %s at iteration %d; backbone check was done by the first run",
+                 trainer.checkpointer.get_checkpoint_file(), trainer.start_iter)
+    else:
+        verify_detectron2_backbone(trainer.model, reference,
+                                   out / BACKBONE_REPORT if comm.is_main_process() else None)
+    trainer.train()          # precise BN (when enabled) runs after the last iteration
+    results = Trainer.test(cfg_d2, trainer.model)
+    if comm.is_main_process():
+        atomic_write_json(out / SEED_RESULT, {
+            "seed": cfg_d2.SEED, "metrics": _json_numbers(task.metrics(results)),
+            "evaluator": _json_numbers(results),
+            "resumed": bool(resuming), "seconds_per_iter": _mean_iteration_time(out),
+            "max_iter": cfg_d2.SOLVER.MAX_ITER, "ims_per_batch": cfg_d2.SOLVER.IMS_PER_BATCH})
+
+
+# ---- the protocol -------------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate_runs(runs: list[dict]) -> dict[str, float | None]:
+    """Mean over seeds of each metric, plus ``<metric>_std`` (sample standard deviation)."""
+    metrics: dict[str, float | None] = {}
+    for name in runs[0]["metrics"]:
+        mean, std = _mean_std([r["metrics"].get(name) for r in runs])
+        metrics[name], metrics[f"{name}_std"] = mean, std
+    return metrics
+
+
+def check_launch(cfg, device: str) -> None:
+    import torch
+
+    if cfg.seeds < 1:
+        raise ConfigError(f"config key 'seeds' must be >= 1, got {cfg.seeds}")
+    if cfg.gpus < 1 or cfg.num_machines < 1 or not 0 <= cfg.machine_rank < cfg.num_machines:
+        raise ConfigError(f"invalid launch: gpus={cfg.gpus}, num_machines={cfg.num_machines}, "
+                          f"machine_rank={cfg.machine_rank}")
+    if device == "cpu" and (cfg.gpus > 1 or cfg.num_machines > 1):
+        raise ConfigError("several GPUs or machines were asked for, but the run is on CPU")
+    if device == "cuda" and cfg.gpus > torch.cuda.device_count():
+        raise ConfigError(f"gpus={cfg.gpus} but this machine has {torch.cuda.device_count()} CUDA devices")
+    if cfg.dist_url == "auto" and cfg.num_machines > 1:
+        raise ConfigError("several machines need an explicit dist_url (tcp://HOST:PORT of machine 0)")
+
+
+def run_detectron2_protocol(cfg, task_module: str) -> Path:
+    """Run ``task_module``'s protocol (see module docstring); return the record's path."""
+    timer = RunTimer()
+    task = importlib.import_module(task_module)
+    device = resolve_device(cfg.device)
+    check_launch(cfg, device)
+    ck: LoadedCheckpoint = load_backbone(cfg.checkpoint)
+    check_depth(cfg, ck.arch)
+    task.check_data(cfg)
+    import_detectron2()
+    from detectron2.engine import launch
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = to_dict(cfg)
+    data = task.register_datasets(cfg_dict)
+    weights = save_detectron2(ck.state_dict, out / WEIGHTS_NAME)
+    save_config(cfg, out)
+
+    runs = []
+    for i in range(cfg.seeds):
+        seed = cfg.first_seed + i
+        seed_dir = out / f"seed{seed}"
+        cfg_d2 = build_detectron2_config(cfg, ck.arch, weights, device, data, seed_dir, seed)
+        done = seed_dir / SEED_RESULT
+        if not done.is_file():
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            (seed_dir / "detectron2_config.yaml").write_text(cfg_d2.dump())
+            launch(_train_one_seed, cfg.gpus, num_machines=cfg.num_machines,
+                   machine_rank=cfg.machine_rank, dist_url=cfg.dist_url,
+                   args=(task_module, cfg_dict, cfg_d2, ck.state_dict, cfg.resume))
+        if cfg.machine_rank != 0:
+            continue                 # machine 0 writes the results
+        if not done.is_file():
+            raise CghError(f"seed {seed} finished without results ({done} is missing)")
+        run = json.loads(done.read_text())
+        run["output_dir"] = str(seed_dir)
+        runs.append(run)
+    record = out / "result.json"
+    if cfg.machine_rank != 0:
+        return record
+    backbone = json.loads((out / f"seed{cfg.first_seed}" / BACKBONE_REPORT).read_text())
+    return write_record(
+        out, protocol=task.PROTOCOL, checkpoint=ck.identity(), dataset=data.record,
+        metrics=aggregate_runs(runs), config=cfg_dict, started=timer.started, wall_time_s=timer.elapsed,
+        device=None if device == "cuda" else "cpu",
+        extra={"runs": runs, "detectron2_config": str(out / f"seed{cfg.first_seed}" / "detectron2_config.yaml"),
+               "backbone_check": {k: backbone[k] for k in ("ok", "compared", "reference_tensors")},
+               "classes": data.classes})

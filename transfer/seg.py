@@ -1,0 +1,273 @@
+"""Semantic segmentation transfer (protocol ``seg``): mmsegmentation FCN on a dilated ResNet (D8).
+
+mmselfsup's benchmark protocol: FCN with the pretrained ResNet as a D8 backbone, PASCAL VOC 2012 +
+SBD aug at 512x512 for 20k iterations or Cityscapes at 769x769 for 40k
+(``configs/transfer/mmseg/``). The checkpoint is converted to mmseg's ``ResNet`` names
+(``transfer.convert.save_mmseg``) and loaded through the backbone's ``init_cfg``; before the first
+iteration a hook compares every backbone tensor with the checkpoint (``transfer.backbone_check``).
+The record holds mIoU, mAcc, aAcc and the per-class IoU from mmseg's IoU metric.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from cgh.backbone import ArchError, feature_dim
+from cgh.config import ConfigError, resolve_config_path, save_config, to_dict
+from cgh.errors import DatasetError
+from cgh.records import RunTimer, write_record
+from transfer.backbone_check import compare_backbone, require_equal_backbone
+from transfer.convert import save_mmseg
+from transfer.hub import load_backbone
+
+PROTOCOL = "seg"
+BACKBONE_REPORT = "backbone_check.json"
+MMSEG_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+@dataclass
+class Config:
+    checkpoint: str = MISSING
+    output_dir: str = MISSING
+    # The dataset folder the mmseg config's datasets read from (VOC2012 with SegmentationClassAug
+    # and aug.txt; or the Cityscapes root with leftImg8bit/ and gtFine/).
+    data_root: str = ""
+    mmseg_config: str = "transfer/mmseg/fcn_r50-d8_voc12aug_512x512_20k.py"
+    # Overrides of mmengine config keys, nested: {train_cfg: {max_iters: 100}}; on the command line
+    # mmseg.train_cfg.max_iters=100.
+    mmseg: dict[str, Any] = field(default_factory=dict)
+    # "auto": backbone depth (and head input widths) from the checkpoint; a number must match it.
+    depth: str = "auto"
+    # "auto": the config's SyncBN on GPU, BN on CPU; or BN / SyncBN.
+    norm: str = "auto"
+    seed: int = 0
+    gpus: int = 1                        # GPUs on this machine (one process each)
+    resume: bool = True                  # continue from output_dir's last checkpoint
+    dataset_name: str = "voc12aug"
+    split: str = "val"                   # the record's dataset.split (what the test loader reads)
+
+
+def _walk(node, fn) -> None:
+    """Apply ``fn`` to every dict inside a nested mmengine config (lists included)."""
+    if isinstance(node, dict):
+        fn(node)
+        for v in node.values():
+            _walk(v, fn)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _walk(v, fn)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def register_mmseg_extensions() -> None:
+    """Register the per-class IoU metric and the backbone-check hook with mmseg's registries."""
+    import numpy as np
+    import torch
+    from mmengine.hooks import Hook
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import HOOKS, METRICS
+
+    if "CghIoUMetric" in METRICS.module_dict:
+        return
+
+    @METRICS.register_module()
+    class CghIoUMetric(IoUMetric):
+        """mmseg's IoUMetric, plus ``IoU.<class>`` for every class (NaN where a class never occurs)."""
+        def compute_metrics(self, results: list) -> dict[str, float]:
+            metrics = super().compute_metrics(results)
+            inter = sum(r[0] for r in results).double()
+            union = sum(r[1] for r in results).double()
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, float("nan")))
+            for name, value in zip(self.dataset_meta["classes"], iou.tolist()):
+                metrics[f"IoU.{name}"] = round(value * 100, 2) if np.isfinite(value) else float("nan")
+            return metrics
+
+    @HOOKS.register_module()
+    class CghBackboneCheckHook(Hook):
+        """Before the first iteration: the backbone must hold the checkpoint's tensors, bit for bit."""
+        priority = "VERY_HIGH"
+
+        def __init__(self, reference: str, report_path: str):
+            self.reference, self.report_path = reference, report_path
+
+        def before_train(self, runner) -> None:
+            if runner.iter > 0:
+                runner.logger.info("resumed at iteration %d; backbone check was done by the first run"
+                                   % runner.iter)
+                return
+            from mmengine.dist import is_main_process
+
+            model = getattr(runner.model, "module", runner.model)
+            ref = torch.load(self.reference, map_location="cpu", weights_only=True)["state_dict"]
+            report = compare_backbone(model.backbone.state_dict(), ref, lambda name: name)
+            require_equal_backbone(report, self.report_path if is_main_process() else None)
+
+
+def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
+    """The complete mmengine ``Config`` of the run (file + overrides + what the run decides)."""
+    from mmengine.config import Config as MMConfig
+
+    path = resolve_config_path(cfg.mmseg_config)
+    try:
+        c = MMConfig.fromfile(str(path))
+        if cfg.mmseg:
+            c.merge_from_dict(_flatten(to_dict(cfg.mmseg)))
+    except Exception as e:           # mmengine raises many kinds for a bad file or key
+        raise ConfigError(f"mmseg config {path}: {e}") from None
+
+    depth = MMSEG_DEPTHS.get(arch)
+    if depth is None:
+        raise ArchError(f"{arch} has no mmseg ResNet equivalent; supported: {', '.join(MMSEG_DEPTHS)}")
+    if str(cfg.depth) != "auto" and int(cfg.depth) != depth:
+        raise ArchError(f"the checkpoint {cfg.checkpoint} is a {arch} (depth {depth}) but the config "
+                        f"asks for depth {cfg.depth}; use depth=auto or a checkpoint of depth {cfg.depth}")
+    model = c.model
+    if model.backbone.type != "ResNet":
+        raise ConfigError(f"mmseg config {path}: the backbone must be mmseg's ResNet (torchvision "
+                          f"names), not {model.backbone.type}")
+    model.pretrained = None
+    model.backbone.depth = depth
+    model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(weights))
+    # Head inputs follow the backbone: last stage for the decode head, the one before for the aux.
+    last = feature_dim(arch)
+    model.decode_head.in_channels = last
+    if model.get("auxiliary_head"):
+        model.auxiliary_head.in_channels = last // 2
+
+    norm = cfg.norm if cfg.norm != "auto" else (None if cuda else "BN")
+    if norm:
+        _walk(model, lambda d: d.update(type=norm) if d.get("type") in ("SyncBN", "BN", "naiveSyncBN")
+              and "requires_grad" in d else None)
+
+    if cfg.data_root:
+        _walk({k: c[k] for k in ("train_dataloader", "val_dataloader", "test_dataloader") if c.get(k)},
+              lambda d: d.update(data_root=str(cfg.data_root)) if "data_root" in d else None)
+    for k in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if c.get(k) is None:
+            continue
+        if os.environ.get("CGH_NUM_WORKERS"):   # the test suite asks for in-process data loading
+            c[k].num_workers = int(os.environ["CGH_NUM_WORKERS"])
+        if c[k].get("num_workers", 0) == 0:
+            c[k].persistent_workers = False
+    c.work_dir = str(Path(cfg.output_dir).resolve())
+    # Resume only when the folder holds a checkpoint of an earlier run: mmengine's auto-resume
+    # would otherwise reload the final checkpoint before testing.
+    c.resume = bool(cfg.resume) and (Path(cfg.output_dir) / "last_checkpoint").is_file()
+    c.load_from = None
+    c.randomness = dict(seed=int(cfg.seed))
+    c.launcher = "pytorch" if cfg.gpus > 1 else "none"
+    if not cuda:
+        c.env_cfg.dist_cfg = dict(backend="gloo")
+    c.custom_hooks = list(c.get("custom_hooks", [])) + [dict(
+        type="CghBackboneCheckHook", reference=str(weights),
+        report_path=str(Path(cfg.output_dir) / BACKBONE_REPORT))]
+    return c
+
+
+def check_data(c) -> None:
+    """Every dataset folder and split file the built config reads exists (one error lists all)."""
+    missing = []
+
+    def check(d: dict) -> None:
+        if "data_root" not in d or "type" not in d:
+            return
+        root = Path(d["data_root"])
+        prefix = d.get("data_prefix") or {}
+        paths = [root / p for p in prefix.values() if p] + ([root / d["ann_file"]] if d.get("ann_file") else [])
+        missing.extend(str(p) for p in paths if not p.exists())
+
+    _walk({k: c[k] for k in ("train_dataloader", "test_dataloader")}, check)
+    if missing:
+        raise DatasetError("segmentation data missing: expected " + ", ".join(dict.fromkeys(missing)))
+
+
+def _own_checkpoints_loadable():
+    """Let ``torch.load(weights_only=True)`` read the resume checkpoints this run itself wrote.
+
+    mmengine stores its log history (``HistoryBuffer`` of numpy arrays) in every checkpoint; these
+    types are allow-listed by name, so loading still runs no arbitrary code.
+    """
+    import numpy as np
+    import torch
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    return torch.serialization.safe_globals([
+        HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct,
+        getattr] + [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_and_test(rank: int, c, world: int, port: int, result: dict | None) -> dict:
+    """One process: mmengine's Runner trains, then tests; rank 0's metrics are returned."""
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import mmseg.utils
+    from mmengine.runner import Runner
+
+    mmseg.utils.register_all_modules(init_default_scope=True)
+    register_mmseg_extensions()
+    with _own_checkpoints_loadable():
+        runner = Runner.from_cfg(c)
+        runner.train()
+        metrics = runner.test()
+    if result is not None and rank == 0:
+        result.update(metrics)
+    return metrics
+
+
+def run(cfg) -> Path:
+    timer = RunTimer()
+    import torch
+
+    ck = load_backbone(cfg.checkpoint)
+    cuda = torch.cuda.is_available()
+    if cfg.gpus < 1 or (cfg.gpus > 1 and cfg.gpus > torch.cuda.device_count()):
+        raise ConfigError(f"gpus={cfg.gpus} but this machine has {torch.cuda.device_count()} CUDA devices")
+    out = Path(cfg.output_dir)
+    weights = out / "backbone_mmseg.pth"
+    c = build_mmseg_config(cfg, ck.arch, weights, cuda)
+    check_data(c)
+    out.mkdir(parents=True, exist_ok=True)
+    save_mmseg(ck.state_dict, weights, meta={"arch": ck.arch, "method": ck.method, "source_sha256": ck.sha256})
+    save_config(cfg, out)
+    c.dump(str(out / "mmseg_config.py"))
+
+    if cfg.gpus > 1:
+        import torch.multiprocessing as mp
+
+        manager = mp.Manager()
+        shared = manager.dict()
+        mp.spawn(_train_and_test, args=(c, cfg.gpus, _free_port(), shared), nprocs=cfg.gpus)
+        metrics = dict(shared)
+    else:
+        metrics = _train_and_test(0, c, 1, 0, None)
+
+    per_class = {k[len("IoU."):]: (v if math.isfinite(v) else None)
+                 for k, v in metrics.items() if k.startswith("IoU.")}
+    backbone = json.loads((out / BACKBONE_REPORT).read_text())
+    return write_record(
+        out, protocol=PROTOCOL, checkpoint=ck.identity(),
+        dataset={"name": cfg.dataset_name, "root": str(cfg.data_root or ""), "split": cfg.split},
+        metrics={k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}, config=to_dict(cfg),
+        started=timer.started, wall_time_s=timer.elapsed, device=None if cuda else "cpu",
+        extra={"per_class_iou": per_class, "mmseg_config": str(out / "mmseg_config.py"),
+               "backbone_check": {k: backbone[k] for k in ("ok", "compared", "reference_tensors")}})
