@@ -1,0 +1,37 @@
+"""``cgh report RESULTS_DIR... -o OUT_DIR``: the paper-shaped report from ``result.json`` records."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Sequence
+
+from reports.collect import collect
+from reports.render import Report, build_report, markdown_table, write_report
+
+
+def make_report(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                title: str = "CGH report") -> tuple[Report, dict[str, Path]]:
+    """Collect records under ``sources``, build every table and plot, write them to ``out_dir``."""
+    collection = collect(sources)
+    report = build_report(collection, [str(s) for s in sources], title)
+    return report, write_report(report, out_dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", metavar="RESULTS_DIR",
+                        help="folders searched recursively for result.json records (or record files)")
+    parser.add_argument("-o", "--output-dir", default="report", help="where the report is written")
+    parser.add_argument("--title", default="CGH report", help="report title")
+
+
+def run(args: argparse.Namespace) -> int:
+    report, paths = make_report(args.results, args.output_dir, args.title)
+    c = report.collection
+    print(f"{len(c.records)} record(s) read, {len(c.skipped)} file(s) skipped")
+    for path, reason in c.skipped:
+        print(f"  skipped {path}: {reason}")
+    if report.summary.rows:
+        print(markdown_table(report.summary.display()))
+    print(f"report: {paths['markdown']}\nhtml:   {paths['html']}\ntables: {paths['tables']}/ (CSV, LaTeX)")
+    return 0

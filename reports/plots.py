@@ -1,0 +1,205 @@
+"""Report figures, drawn from records only, returned as PNG bytes.
+
+Uses ``matplotlib.figure.Figure`` directly (Agg canvas, no pyplot state), so plotting works
+headless and in parallel. Each function returns None when the records hold nothing to plot.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import textwrap
+
+from matplotlib.figure import Figure
+
+from reports.settings import checkpoint_settings
+from reports.tables import checkpoint_labels, summary_table
+
+DPI = 100
+# loss terms of cgh.losses in the pretraining history: global-hypercolumn, hypercolumn-global,
+# global-global, hypercolumn-hypercolumn alignments and the authors' InfoNCE warm-up term
+LOSS_TERMS = ("gh", "hg", "gg", "hh", "infonce")
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _run_label(rec: dict, labels: dict[str, str]) -> str:
+    return f"{labels[rec['checkpoint']['sha256']]} ({checkpoint_settings(rec['checkpoint']).label})"
+
+
+def _history(rec: dict) -> list[dict]:
+    hist = (rec.get("extra") or {}).get("history")
+    return [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+
+
+def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, h in enumerate(history):
+        y = h.get(key)
+        if isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y):
+            xs.append(h.get("epoch", i + 1))
+            ys.append(float(y))
+    return xs, ys
+
+
+def training_curves(records: list[dict]) -> bytes | None:
+    """Pretraining loss and online kNN top-1 per epoch, one line per pretraining run."""
+    runs = [r for r in records if r["protocol"] == "pretrain" and _history(r)]
+    if not runs:
+        return None
+    labels = checkpoint_labels(records)
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_knn = fig.subplots(1, 2)
+    for rec in runs:
+        name = _run_label(rec, labels)
+        hist = _history(rec)
+        xs, ys = _series(hist, "loss")
+        line = ax_loss.plot(xs, ys, marker="o", ms=3, label=name)[0]
+        for term in sorted({k for h in hist for k in h if k in LOSS_TERMS or k.startswith("loss_")}):
+            xs, ys = _series(hist, term)
+            ax_loss.plot(xs, ys, ls="--", lw=1, color=line.get_color(), alpha=0.6, label=f"{name}: {term}")
+        xs, ys = _series(hist, "knn_top1")
+        if xs:
+            ax_knn.plot(xs, ys, marker="o", ms=3, label=name)
+    ax_loss.set(title="Pretraining loss", xlabel="epoch", ylabel="loss")
+    ax_knn.set(title="Online kNN top-1", xlabel="epoch", ylabel="top-1 (%)")
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def knn_vs_k(records: list[dict]) -> bytes | None:
+    """kNN top-1 for every k the kNN records hold (``top1_k{K}``), one line per checkpoint/dataset."""
+    labels = checkpoint_labels(records)
+    lines: dict[str, dict[int, list[float]]] = {}
+    for rec in records:
+        if rec["protocol"] != "knn":
+            continue
+        name = f"{_run_label(rec, labels)} on {rec['dataset'].get('name', '?')}"
+        for key, value in rec["metrics"].items():
+            m = re.fullmatch(r"top1_k(\d+)", key)
+            if m and value is not None:
+                lines.setdefault(name, {}).setdefault(int(m.group(1)), []).append(float(value))
+    if not lines:
+        return None
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for name, by_k in sorted(lines.items()):
+        ks = sorted(by_k)
+        ax.plot(ks, [sum(by_k[k]) / len(by_k[k]) for k in ks], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set(title="kNN accuracy vs k", xlabel="k (neighbours)", ylabel="top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _final_selection(rec: dict) -> list[tuple[float, float, float]]:
+    """(threshold, precision, recall) from ``extra.positive_selection`` in either form:
+    ``{threshold: {precision, recall}}`` or ``{thresholds: [...], precision: [...], recall: [...]}``."""
+    sel = (rec.get("extra") or {}).get("positive_selection")
+    out = []
+    if isinstance(sel, dict) and isinstance(sel.get("thresholds"), list):
+        out = list(zip(sel["thresholds"], sel.get("precision", []), sel.get("recall", [])))
+    elif isinstance(sel, dict):
+        for t, pr in sel.items():
+            if isinstance(pr, dict):
+                try:
+                    out.append((float(t), pr.get("precision"), pr.get("recall")))
+                except ValueError:
+                    continue
+    return [(float(t), float(p), float(r)) for t, p, r in out
+            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (t, p, r))]
+
+
+def _threshold(rec: dict, suffix: str) -> str:
+    """History keys are ``pos_recall`` for the first configured threshold, ``pos_recall@T`` for others."""
+    if suffix.startswith("@"):
+        return suffix[1:]
+    first = ((rec.get("config") or {}).get("monitor") or {}).get("positive_thresholds") or ["?"]
+    return f"{first[0]:g}" if isinstance(first[0], (int, float)) else str(first[0])
+
+
+def positive_selection(records: list[dict]) -> bytes | None:
+    """Paper Fig. 2: recall and precision of the teacher's positive selection during pretraining,
+    plus the final precision/recall trade-off over thresholds when the record holds it."""
+    runs = [r for r in records if r["protocol"] == "pretrain"]
+    with_history = [r for r in runs if any(k.startswith("pos_") for h in _history(r) for k in h)]
+    with_final = [r for r in runs if _final_selection(r)]
+    if not with_history and not with_final:
+        return None
+    labels = checkpoint_labels(records)
+    fig = Figure(figsize=(13, 3.6))
+    ax_rec, ax_prec, ax_pr = fig.subplots(1, 3)
+    styles = ("-", "--", ":", "-.")
+    for i, rec in enumerate(with_history):
+        name, colour = _run_label(rec, labels), f"C{i}"
+        hist = _history(rec)
+        for metric, ax in (("pos_recall", ax_rec), ("pos_precision", ax_prec)):
+            for j, key in enumerate(sorted({k for h in hist for k in h if k.startswith(metric)}, key=len)):
+                xs, ys = _series(hist, key)
+                ax.plot(xs, ys, marker="o", ms=3, color=colour, ls=styles[j % len(styles)],
+                        label=f"{name} @{_threshold(rec, key.removeprefix(metric))}")
+    for i, rec in enumerate(with_final):
+        pts = sorted(_final_selection(rec))
+        ax_pr.plot([r for _, _, r in pts], [p for _, p, _ in pts], marker="o", ms=3, color=f"C{with_history.index(rec)}"
+                   if rec in with_history else f"C{len(with_history) + i}", label=_run_label(rec, labels))
+        for t, p, r in pts:
+            ax_pr.annotate(f"{t:g}", (r, p), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax_rec.set(title="Positive selection: recall", xlabel="epoch", ylabel="recall (%)")
+    ax_prec.set(title="Positive selection: precision", xlabel="epoch", ylabel="precision (%)")
+    ax_pr.set(title="End of training: precision vs recall\n(one point per threshold)", xlabel="recall (%)",
+              ylabel="precision (%)")
+    for ax in (ax_rec, ax_prec, ax_pr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def checkpoint_bars(records: list[dict]) -> bytes | None:
+    """Grouped bars: each evaluation's main metric, one bar per checkpoint, std as error bar."""
+    table = summary_table(records)
+    if not table.rows or not table.value_columns:
+        return None
+    cols = table.value_columns
+    n = len(table.rows)
+    width = 0.8 / n
+    fig = Figure(figsize=(max(6.0, 1.9 * len(cols) + 2), 4.4))
+    ax = fig.subplots()
+    for i, row in enumerate(table.rows):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(cols))]
+        means = [row.cells[c].mean if row.cells[c].n else math.nan for c in cols]
+        errs = [row.cells[c].std or 0.0 if row.cells[c].n else math.nan for c in cols]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{row.labels['Checkpoint']} ({row.labels['Method']})")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([textwrap.fill(c, 22) for c in cols], fontsize=7)
+    ax.set(title="Checkpoints across protocols (main metric; missing = no bar)", ylabel="score (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+PLOTS = {
+    "training_curves": ("Training curves", training_curves),
+    "knn_vs_k": ("kNN accuracy vs k", knn_vs_k),
+    "positive_selection": ("Positive-sample selection (paper Fig. 2)", positive_selection),
+    "checkpoints": ("Checkpoints across protocols", checkpoint_bars),
+}
+
+
+def all_plots(records: list[dict]) -> dict[str, tuple[str, bytes]]:
+    """name -> (title, PNG bytes) for every plot the records support."""
+    out = {}
+    for name, (title, fn) in PLOTS.items():
+        png = fn(records)
+        if png is not None:
+            out[name] = (title, png)
+    return out
+

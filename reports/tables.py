@@ -1,0 +1,506 @@
+"""Tables shaped like the paper's, ours beside the published numbers, as pandas frames.
+
+Every table is a list of rows; a row has label columns (method, settings) and value cells. A cell
+holds the paper's number (if the paper has one) and ours as mean, std and count over all runs that
+fall into it (duplicate records, or the seeds inside one record's ``extra.runs``). Rows of the
+paper stay even when we have no run for them, and our rows without a paper row are appended, so
+nothing disappears: missing numbers print as "-".
+
+Placing our runs: a run's checkpoint gets a row key from its settings (``reports.settings``),
+matched to the paper's ``method`` column of ``reference/paper_results.csv``. Single-dataset tables
+(1-4, 6) put our number in the paper's column whatever dataset we ran on, and say that dataset in
+"Ours setting"; the two-dataset ablation tables (5, 7) put it under the column of its dataset and
+open a new column for a dataset the paper did not use (no difference is computed there).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from reports.settings import DEFAULT_LAYERS, DEFAULT_TAU_H, Settings, checkpoint_settings, layers_label
+
+REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
+DASH = "-"
+
+# ---------------------------------------------------------------------------------------------
+# Cells and tables
+
+
+@dataclass
+class Cell:
+    paper: float | None = None
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / self.n if self.samples else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (ddof=1); None for fewer than two runs."""
+        if self.n < 2:
+            return None
+        m = self.mean
+        return math.sqrt(sum((x - m) ** 2 for x in self.samples) / (self.n - 1))
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.paper is None or self.mean is None else self.mean - self.paper
+
+
+@dataclass
+class Row:
+    labels: dict[str, str]
+    cells: dict[str, Cell]
+
+
+@dataclass
+class Table:
+    """One report table. ``reference`` tables show paper / ours / delta for each value column."""
+    key: str
+    title: str
+    caption: str
+    label_columns: list[str]
+    value_columns: list[str]
+    rows: list[Row]
+    reference: bool = True
+    decimals: int = 1
+
+    def frame(self) -> pd.DataFrame:
+        """Numbers: paper, ours mean / std / n, delta per value column (NaN where missing)."""
+        records = []
+        for row in self.rows:
+            rec = dict(row.labels)
+            for col in self.value_columns:
+                cell = row.cells.get(col, Cell())
+                if self.reference:
+                    rec[f"{col} paper"] = cell.paper
+                rec[f"{col} ours"] = cell.mean
+                rec[f"{col} ours std"] = cell.std
+                rec[f"{col} ours n"] = cell.n
+                if self.reference:
+                    rec[f"{col} Δ"] = cell.delta
+            records.append(rec)
+        return pd.DataFrame.from_records(records, columns=self._numeric_columns()).astype(
+            {c: float for c in self._numeric_columns() if c not in self.label_columns and not c.endswith(" n")})
+
+    def _numeric_columns(self) -> list[str]:
+        cols = list(self.label_columns)
+        for col in self.value_columns:
+            cols += ([f"{col} paper"] if self.reference else []) + [f"{col} ours", f"{col} ours std",
+                                                                     f"{col} ours n"]
+            cols += [f"{col} Δ"] if self.reference else []
+        return cols
+
+    def display(self) -> pd.DataFrame:
+        """Strings as printed: "mean ± std (n)" for duplicates, "-" for a missing number."""
+        records = []
+        for row in self.rows:
+            rec = {k: (v if v not in (None, "") else DASH) for k, v in row.labels.items()}
+            for col in self.value_columns:
+                cell = row.cells.get(col, Cell())
+                ours = format_cell(cell, self.decimals)
+                if self.reference:
+                    rec[f"{col} paper"] = fmt(cell.paper, self.decimals)
+                    rec[f"{col} ours"] = ours
+                    rec[f"{col} Δ"] = fmt(cell.delta, self.decimals, signed=True)
+                else:
+                    rec[col] = ours
+            records.append(rec)
+        columns = list(self.label_columns)
+        for col in self.value_columns:
+            columns += [f"{col} paper", f"{col} ours", f"{col} Δ"] if self.reference else [col]
+        return pd.DataFrame.from_records(records, columns=columns)
+
+
+def fmt(value: float | None, decimals: int = 1, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+
+
+def format_cell(cell: Cell, decimals: int = 1) -> str:
+    """"71.2", or "71.2 ± 0.3 (3)" when several runs were aggregated, or "-"."""
+    if cell.n == 0:
+        return DASH
+    if cell.n == 1:
+        return fmt(cell.mean, decimals)
+    return f"{fmt(cell.mean, decimals)} ± {fmt(cell.std, decimals)} ({cell.n})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs out of records
+
+
+def samples(rec: dict, metric: str) -> list[float]:
+    """Values of ``metric`` in a record: one per seed when ``extra.runs`` lists them, else one."""
+    runs = (rec.get("extra") or {}).get("runs")
+    if isinstance(runs, list) and runs and all(isinstance(r, dict) and _num(r.get(metric)) for r in runs):
+        return [float(r[metric]) for r in runs]
+    value = rec["metrics"].get(metric)
+    return [float(value)] if _num(value) else []
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def dataset_key(name: str | None) -> str:
+    """Loose name of a dataset for matching: "Tiny-ImageNet" == "tiny_imagenet" == "tinyimagenet"."""
+    key = re.sub(r"[^a-z0-9]", "", str(name or "").lower())
+    return {"imagenet": "in1k", "imagenet1k": "in1k", "ilsvrc2012": "in1k", "in1k": "in1k"}.get(key, key)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A value column: which protocol(s), metric and subset feed it. The first protocol listed
+    that has a number for a row wins (the full linear probe before the fast feature-cache probe)."""
+    key: str                           # reference column id, e.g. "semi1_top1"
+    header: str
+    protocols: tuple[str, ...]
+    metric: str
+    subset: str | None = None
+
+
+LINEAR = ("linear", "linear_fast")
+
+
+@dataclass
+class TableSpec:
+    key: str
+    title: str
+    caption: str
+    columns: list[Column]
+    row_key: Callable[[Settings], str | None]     # paper "method" this run belongs to, or None
+    unmatched_label: Callable[[Settings, str], str] = lambda s, key: s.label
+    by_dataset: bool = False                       # ablation tables: one column per dataset
+    reference: bool = True
+    decimals: int = 1
+
+
+def _main_key(s: Settings) -> str | None:
+    return None if s.multi_crop else s.label
+
+
+def _multi_key(s: Settings) -> str | None:
+    return s.base_label if s.multi_crop else None
+
+
+def _any_key(s: Settings) -> str | None:
+    return s.label
+
+
+def _plain_cgh(s: Settings) -> bool:
+    return s.known and not s.multi_crop and not s.predictor
+
+
+def _context_key(s: Settings) -> str | None:
+    if not _plain_cgh(s) or s.loss_mode not in ("global", "same", "cross"):
+        return None
+    if s.loss_mode != "global" and ((s.layers or DEFAULT_LAYERS) != DEFAULT_LAYERS
+                                    or abs((s.tau_h or DEFAULT_TAU_H) - DEFAULT_TAU_H) > 1e-9):
+        return None
+    return f"{s.loss_mode}-context"
+
+
+def _tau_key(s: Settings) -> str | None:
+    if not _plain_cgh(s) or s.loss_mode != "cross" or (s.layers or DEFAULT_LAYERS) != DEFAULT_LAYERS:
+        return None
+    return f"{s.tau_h if s.tau_h is not None else DEFAULT_TAU_H:g}"
+
+
+def _layers_key(s: Settings) -> str | None:
+    if not _plain_cgh(s):
+        return None
+    if s.loss_mode == "global":
+        return "layer4"               # paper Sec. 4.5.3: hypercolumn of layer4 alone is ReSSL
+    if s.loss_mode != "cross" or abs((s.tau_h or DEFAULT_TAU_H) - DEFAULT_TAU_H) > 1e-9:
+        return None
+    return "+".join(s.layers or DEFAULT_LAYERS)
+
+
+_TOP1 = "Linear top-1"
+PAPER_TABLES: list[TableSpec] = [
+    TableSpec("table1", "Table 1: linear and kNN evaluation",
+              "Paper: IN-1K, ResNet-50, 200 epochs, single crop. The paper text says CGH beats "
+              "MoCo-v2 / ReSSL by 3.0 / 1.2 points (linear) and 7.0 / 1.6 points (kNN).",
+              [Column("linear_top1", _TOP1, LINEAR, "top1"), Column("linear_top5", "Linear top-5", LINEAR, "top5"),
+               Column("knn_top1", "kNN top-1", ("knn",), "top1")], _main_key),
+    TableSpec("table2", "Table 2: linear evaluation with multi-crop",
+              "Paper: IN-1K, ResNet-50, multi-crop, several pre-training lengths.",
+              [Column("linear_top1", _TOP1, LINEAR, "top1")], _multi_key),
+    TableSpec("table3", "Table 3: semi-supervised fine-tuning (1% / 10% labels)",
+              "Paper: IN-1K SimCLR subsets, ResNet-50. (Multi) = multi-crop pretraining.",
+              [Column("semi1_top1", "1% top-1", ("semi",), "top1", "1percent"),
+               Column("semi1_top5", "1% top-5", ("semi",), "top5", "1percent"),
+               Column("semi10_top1", "10% top-1", ("semi",), "top1", "10percent"),
+               Column("semi10_top5", "10% top-5", ("semi",), "top5", "10percent")], _any_key),
+    TableSpec("table4", "Table 4: PASCAL VOC detection (Faster R-CNN R50-C4)",
+              "Paper: pretrained 200 epochs on IN-1K, fine-tuned on VOC07+12 trainval, tested on VOC07 "
+              "test; mean over runs.",
+              [Column("AP", "AP", ("voc_det",), "AP"), Column("AP50", "AP50", ("voc_det",), "AP50"),
+               Column("AP75", "AP75", ("voc_det",), "AP75")], _any_key),
+    TableSpec("coco", "COCO instance segmentation (Mask R-CNN R50-C4)",
+              "The paper's COCO numbers are in its supplementary material, not in the paper text: "
+              "ours only.",
+              [Column(m, m.replace("_", " "), ("coco_instseg",), m) for m in
+               ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")],
+              _any_key, reference=False),
+    TableSpec("seg", "Semantic segmentation (FCN)", "Not in the paper: ours only.",
+              [Column(m, m, ("seg",), m) for m in ("mIoU", "mAcc", "aAcc")], _any_key, reference=False),
+    TableSpec("table5", "Table 5: context variants",
+              "Paper: ResNet-18 pretrained 400 epochs, linear top-1. Global-context is ReSSL.",
+              [Column("linear_top1", _TOP1, LINEAR, "top1")], _context_key,
+              unmatched_label=lambda s, key: f"CGH ({key})", by_dataset=True),
+    TableSpec("table6", "Table 6: hypercolumn temperature τ_h",
+              "Paper: Tiny-ImageNet, ResNet-18, 400 epochs, linear top-1; layers L3+L4.",
+              [Column("linear_top1", "Tiny-ImageNet", LINEAR, "top1")], _tau_key,
+              unmatched_label=lambda s, key: f"τ_h = {key}"),
+    TableSpec("table7", "Table 7: intermediate layers of the hypercolumn",
+              "Paper: ResNet-18, 400 epochs, linear top-1; τ_h = 0.08. L4 alone is ReSSL.",
+              [Column("linear_top1", _TOP1, LINEAR, "top1")], _layers_key,
+              unmatched_label=lambda s, key: layers_label(tuple(key.split("+"))), by_dataset=True),
+]
+
+
+@lru_cache(maxsize=1)
+def reference() -> pd.DataFrame:
+    """The paper's published numbers (empty value = the paper text has no number there)."""
+    return pd.read_csv(REFERENCE_CSV, dtype={"method": str, "epochs": "Int64", "batch_size": "Int64"},
+                       keep_default_na=False, na_values={"value": [""], "epochs": [""], "batch_size": [""]})
+
+
+def _paper_setting(ref_rows: pd.DataFrame, by_dataset: bool) -> str:
+    first = ref_rows.iloc[0]
+    parts = [] if by_dataset else [first["dataset"]]
+    parts.append(first["backbone"])
+    if not pd.isna(first["epochs"]):
+        parts.append(f"{first['epochs']} ep")
+    if not pd.isna(first["batch_size"]):
+        parts.append(f"bs {first['batch_size']}")
+    return " · ".join(parts)
+
+
+def build_table(spec: TableSpec, records: list[dict]) -> Table:
+    ref = reference()
+    ref = ref[ref["table"] == spec.key] if spec.reference else ref.iloc[0:0]
+
+    # value columns: (column key, dataset key) -> header
+    columns: dict[tuple[str, str], str] = {}
+    for c in spec.columns:
+        if spec.by_dataset:
+            for ds in ref[ref["column"] == c.key]["dataset"].drop_duplicates():
+                columns[(c.key, dataset_key(ds))] = ds
+        else:
+            columns[(c.key, "")] = c.header
+
+    # our runs: group -> {(column key, dataset key): [samples]}, plus which protocol fed it
+    groups: dict[tuple, dict] = {}
+    for rec in records:
+        settings = checkpoint_settings(rec["checkpoint"])
+        row_key = spec.row_key(settings)
+        if row_key is None:
+            continue
+        eval_ds = str(rec["dataset"].get("name", ""))
+        for c in spec.columns:
+            if rec["protocol"] not in c.protocols:
+                continue
+            if c.subset is not None and rec["dataset"].get("subset") != c.subset:
+                continue
+            values = samples(rec, c.metric)
+            if not values:
+                continue
+            gkey = (row_key, settings, "" if spec.by_dataset else eval_ds)
+            g = groups.setdefault(gkey, {"cells": {}, "protocols": set()})
+            if spec.by_dataset:
+                col = (c.key, dataset_key(eval_ds))
+                columns.setdefault(col, eval_ds)
+            else:
+                col = (c.key, "")
+            g["cells"].setdefault(col, {}).setdefault(rec["protocol"], []).extend(values)
+
+    headers = list(columns.values())
+    header_of = dict(columns)
+
+    def our_cells(g: dict) -> tuple[dict[str, Cell], set[str]]:
+        cells, used = {}, set()
+        for col, by_protocol in g["cells"].items():
+            c = next(c for c in spec.columns if c.key == col[0])
+            proto = next(p for p in c.protocols if p in by_protocol)
+            used.add(proto)
+            cells[header_of[col]] = Cell(samples=list(by_protocol[proto]))
+        return cells, used
+
+    def our_setting(gkey: tuple, used: set[str]) -> str:
+        _, settings, eval_ds = gkey
+        text = settings.describe()
+        if eval_ds and dataset_key(eval_ds) != dataset_key(settings.dataset):
+            text += f" · eval {eval_ds}"
+        if "linear_fast" in used:
+            text += " · fast linear probe"
+        return text
+
+    label_cols = ["Method", "Paper setting", "Ours setting"] if spec.reference else ["Method", "Ours setting"]
+    rows: list[Row] = []
+    placed: set[tuple] = set()
+    for (label, method), ref_rows in ref.groupby(["row", "method"], sort=False):
+        paper = {}
+        for _, r in ref_rows.iterrows():
+            ds = dataset_key(r["dataset"]) if spec.by_dataset else ""
+            paper[header_of[(r["column"], ds)]] = None if pd.isna(r["value"]) else float(r["value"])
+        mine = [k for k in groups if k[0] == method and k not in placed]
+        for gkey in sorted(mine, key=_sort_key) or [None]:
+            cells = {h: Cell(paper=paper.get(h)) for h in headers}
+            setting = DASH
+            if gkey is not None:
+                placed.add(gkey)
+                ours, used = our_cells(groups[gkey])
+                for h, cell in ours.items():
+                    cells[h].samples = cell.samples
+                setting = our_setting(gkey, used)
+            rows.append(Row({"Method": label, "Paper setting": _paper_setting(ref_rows, spec.by_dataset),
+                             "Ours setting": setting}, cells))
+    for gkey in sorted((k for k in groups if k not in placed), key=_sort_key):
+        ours, used = our_cells(groups[gkey])
+        cells = {h: ours.get(h, Cell()) for h in headers}
+        labels = {"Method": spec.unmatched_label(gkey[1], gkey[0])}
+        if spec.reference:
+            labels["Paper setting"] = DASH
+        labels["Ours setting"] = our_setting(gkey, used)
+        rows.append(Row(labels, cells))
+    return Table(spec.key, spec.title, spec.caption, label_cols, headers, rows, spec.reference, spec.decimals)
+
+
+def _sort_key(gkey: tuple) -> tuple:
+    _, s, eval_ds = gkey
+    return (s.label, s.dataset or "", s.arch, s.epochs or 0, s.file_id, eval_ds)
+
+
+def paper_tables(records: list[dict]) -> list[Table]:
+    """Tables 1-7 plus COCO and segmentation, in the paper's order."""
+    return [build_table(spec, records) for spec in PAPER_TABLES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint comparison: one row per checkpoint file
+
+
+# protocol -> metrics shown, the first one ranks
+PROTOCOL_METRICS: dict[str, tuple[str, ...]] = {
+    "knn": ("top1", "top5", "best_k"),
+    "linear": ("top1", "top5"),
+    "linear_fast": ("top1", "top5"),
+    "semi": ("top1", "top5"),
+    "voc_det": ("AP", "AP50", "AP75"),
+    "coco_instseg": ("bbox_AP", "segm_AP", "bbox_AP50", "segm_AP50"),
+    "seg": ("mIoU", "mAcc", "aAcc"),
+}
+PROTOCOL_TITLES = {"knn": "kNN", "linear": "Linear probe", "linear_fast": "Linear probe (fast, cached features)",
+                   "semi": "Semi-supervised", "voc_det": "VOC detection", "coco_instseg": "COCO instance seg.",
+                   "seg": "Segmentation", "pretrain": "Pretraining"}
+
+
+def checkpoint_labels(records: list[dict]) -> dict[str, str]:
+    """sha256 -> a short unique name: the file stem, with its folder when stems collide."""
+    paths: dict[str, str] = {}
+    for rec in records:
+        ck = rec["checkpoint"]
+        paths.setdefault(ck["sha256"], str(ck.get("path") or ck.get("name") or ck["sha256"][:12]))
+    stems: dict[str, list[str]] = {}
+    for sha, p in paths.items():
+        stems.setdefault(_stem(p), []).append(sha)
+    labels = {}
+    for stem, shas in stems.items():
+        for sha in shas:
+            p = Path(paths[sha])
+            labels[sha] = stem if len(shas) == 1 else f"{p.parent.name}/{stem}"
+    # still ambiguous (same folder and stem): add the hash
+    counts: dict[str, int] = {}
+    for v in labels.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {sha: (v if counts[v] == 1 else f"{v}@{sha[:8]}") for sha, v in labels.items()}
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".safetensors", ".pth.tar", ".pth", ".pt", ".pkl", ".ckpt", ".tar", ".bin"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _eval_key(rec: dict) -> tuple[str, str, str]:
+    ds = rec["dataset"]
+    return rec["protocol"], str(ds.get("name", "")), str(ds.get("subset") or "")
+
+
+def _natural(key: tuple[str, str, str]) -> tuple:
+    """Protocols in the paper's order, then dataset and subset with "1percent" before "10percent"."""
+    order = list(PROTOCOL_METRICS)
+    rank = order.index(key[0]) if key[0] in order else len(order)
+    return (rank,) + tuple(tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)) for part in key)
+
+
+def _eval_title(key: tuple[str, str, str]) -> str:
+    protocol, ds, subset = key
+    title = f"{PROTOCOL_TITLES.get(protocol, protocol)} on {ds or 'unknown dataset'}"
+    return title + (f" ({subset})" if subset else "")
+
+
+def ranking_tables(records: list[dict]) -> list[Table]:
+    """Per protocol (and dataset, subset): checkpoints ranked by the protocol's first metric."""
+    labels = checkpoint_labels(records)
+    by_eval: dict[tuple, dict[str, list[dict]]] = {}
+    for rec in records:
+        if rec["protocol"] in PROTOCOL_METRICS:
+            by_eval.setdefault(_eval_key(rec), {}).setdefault(rec["checkpoint"]["sha256"], []).append(rec)
+    tables = []
+    for key in sorted(by_eval, key=_natural):
+        metrics = PROTOCOL_METRICS[key[0]]
+        scored = []
+        for sha, recs in by_eval[key].items():
+            cells = {m: Cell(samples=[v for r in recs for v in samples(r, m)]) for m in metrics}
+            scored.append((sha, recs[0]["checkpoint"], cells))
+        scored.sort(key=lambda t: (-(t[2][metrics[0]].mean if t[2][metrics[0]].mean is not None else -math.inf),
+                                   labels[t[0]]))
+        rows = []
+        for rank, (sha, ck, cells) in enumerate(scored, 1):
+            settings = checkpoint_settings(ck)
+            rows.append(Row({"Rank": str(rank) if cells[metrics[0]].n else DASH, "Checkpoint": labels[sha],
+                             "Method": settings.label, "Setting": settings.describe()}, cells))
+        name = "rank_" + "_".join(p for p in key if p).replace("/", "_")
+        tables.append(Table(re.sub(r"[^A-Za-z0-9_.-]", "_", name), f"Ranking: {_eval_title(key)}",
+                            f"Checkpoints ranked by {metrics[0]} (higher is better).",
+                            ["Rank", "Checkpoint", "Method", "Setting"], list(metrics), rows, reference=False))
+    return tables
+
+
+def summary_table(records: list[dict]) -> Table:
+    """One row per checkpoint, one column per evaluation (its ranking metric): the overview."""
+    labels = checkpoint_labels(records)
+    evals = sorted({_eval_key(r) for r in records if r["protocol"] in PROTOCOL_METRICS}, key=_natural)
+    headers = {k: f"{_eval_title(k)}: {PROTOCOL_METRICS[k[0]][0]}" for k in evals}
+    rows: dict[str, Row] = {}
+    for rec in records:
+        key = _eval_key(rec)
+        if key not in headers:
+            continue
+        sha = rec["checkpoint"]["sha256"]
+        if sha not in rows:
+            settings = checkpoint_settings(rec["checkpoint"])
+            rows[sha] = Row({"Checkpoint": labels[sha], "Method": settings.label}, {h: Cell() for h in headers.values()})
+        rows[sha].cells[headers[key]].samples.extend(samples(rec, PROTOCOL_METRICS[key[0]][0]))
+    ordered = [rows[sha] for sha in sorted(rows, key=lambda s: labels[s])]
+    return Table("summary", "Summary: checkpoints across protocols",
+                 "Each protocol's main metric; mean ± std (n) where runs repeat.",
+                 ["Checkpoint", "Method"], list(headers.values()), ordered, reference=False)
