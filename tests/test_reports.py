@@ -98,8 +98,12 @@ def test_reference_csv_holds_the_papers_numbers_with_provenance():
     assert value("table5", "same-context", "linear_top1", "STL-10") == 91.0
     assert value("table6", "0.06", "linear_top1") == 53.1
     assert value("table7", "layer2+layer4", "linear_top1", "Tiny-ImageNet") == 54.1
-    # Tables 1 and 2 keep their rows even though the paper text has no numbers for them
-    assert ref[ref.table == "table1"]["value"].isna().all() and (ref.table == "table1").sum() == 14 * 3
+    assert value("table1", "CGH", "linear_top1") == 70.5 and value("table1", "CGH", "knn_top1") == 62.9
+    assert value("table1", "MoCo-v2", "knn_top1") == 55.9 and value("table1", "CGH-pred", "knn_top1") == 65.8
+    assert math.isnan(value("table1", "BYOL", "knn_top1"))                    # printed "-" in the paper
+    assert (ref.table == "table1").sum() == 14 * 2                             # linear and kNN top-1 per row
+    table2 = ref[(ref.table == "table2") & (ref.method == "CGH-pred")].sort_values("epochs")
+    assert list(table2["value"]) == [75.7, 76.0] and list(table2["epochs"]) == [200, 400]
     assert set(ref[ref.table == "table3"]["epochs"].dropna()) == {200, 800, 1000}
 
 
