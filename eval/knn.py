@@ -7,6 +7,7 @@ costs no forward pass.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -23,37 +24,213 @@ from eval.metrics import topk_accuracy
 # Similarities held at once: chunk rows x train rows. 2**27 float32 = 512 MiB, so ImageNet
 # (1.28M train features) runs ~100 val rows per chunk and never holds the 50k x 1.28M matrix.
 SIMILARITY_BUDGET = 2 ** 27
+# Train rows x dim float32 elements measured at once for their bf16 rounding errors (64 MiB; much
+# smaller blocks lose more to thread hand-offs per block than they gain from the cache).
+ROUNDING_BUDGET = 2 ** 24
+PRECISIONS = ("auto", "fp32", "bf16")
+U_BF16 = 2.0 ** -8    # unit roundoff of bfloat16 (8 significand bits, round to nearest even)
+U_FP32 = 2.0 ** -24   # unit roundoff of float32
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matrix products beat float32 here: CUDA GPUs with bf16 support, CPUs with AMX
+    tiles (about 4x the float32 throughput on the Xeon we benchmark on)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and amx is not None and bool(amx())
+
+
+def resolve_precision(precision: str, device: torch.device, n_train: int, n_test: int, dim: int, m: int) -> str:
+    """"auto": bf16 where bf16 products are fast and the search is big enough to repay the bf16 copy
+    of the train set and the re-ranking: dim >= 512, >= 2^26 query-train pairs, m candidates a small
+    part of the train set (break-even measured on the AMX Xeon: ~2e7 pairs at dim 2048, none up to
+    5k x 5k at dim 256)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        big = dim >= 512 and n_train * n_test >= 2 ** 26 and n_train >= 4 * m
+        return "bf16" if big and bf16_is_fast(device) else "fp32"
+    return precision
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n: a float32 sum of n terms, in any order, errs by at most gamma_n * sum |terms|."""
+    return n * U_FP32 / (1 - n * U_FP32)
+
+
+class _Bf16Search:
+    """Exact cosine top-k through a bf16 candidate search with a per-row certificate.
+
+    1. Candidates: bf16 similarities of the chunk to every train row (fast matmul), top m = k + margin.
+    2. Re-ranking: float32 similarities to those m rows only; their top k is the answer if
+    3. the certificate holds: no train row outside the m candidates can reach the k-th float32
+       similarity. Rows where it fails retry 1-3 with k + 4 margin candidates, then are searched
+       again in float32 against every train row.
+
+    The bound behind 3, for a query x (float32, unit norm up to rounding) and any train row y, with
+    x~ = bf16(x), y~ = bf16(y) and the exact rounding errors e_x = x~ - x, e_y = y~ - y (float32 holds
+    them exactly; elementwise |e| <= 2^-8 |x|, so ||e_x|| <= 2^-8 ||x||, but we use the measured norms,
+    about half that, which is still rigorous):
+      x~.y~ - x.y = e_x.y~ + x.e_y, so |x~.y~ - x.y| <= ||e_x|| (B + E) + ||x|| E      (Cauchy-Schwarz)
+    where B = max ||y|| and E = max ||e_y|| over the train rows. The bf16 products are exact in float32
+    (8 + 8 significand bits) and are summed in float32 (oneDNN/AMX on CPU; cuBLAS with reduced-precision
+    reductions disabled on CUDA): at most gamma_D (||x|| + ||e_x||)(B + E) more. A float32 dot product
+    of x and y (the re-ranking, or the float32 search) is within gamma_D ||x|| B of x.y. The matmul
+    output is rounded to bf16: a row whose bf16 output is <= s_m (the m-th largest, so every
+    non-candidate) had a float32 sum <= s_m + 2^-8 |s_m|. Hence every non-candidate's float32
+    similarity is <= s_m + 2^-8 |s_m| + delta with
+      delta = ||e_x|| (B + E) + ||x|| E + gamma_D (||x|| + ||e_x||)(B + E) + gamma_D ||x|| B,
+    inflated by 2^-10 relative (the norms are themselves float32 sums, relative error <= gamma_D) and
+    2^-20 absolute (the float32 roundings of the threshold's own sums, of magnitude < 4: <= 3 * 2^-23;
+    AMX flushing bf16 subnormals to zero: < D 2^-126). If the k-th re-ranked similarity is at least
+    that threshold, the candidates' top k is the float32 top k (ties aside).
+    """
+
+    def __init__(self, train: torch.Tensor, margin: int):
+        self.train = train
+        self.train_bf16 = train.to(torch.bfloat16)
+        self.b = train.norm(dim=1).max()
+        self.e = torch.zeros((), device=train.device)
+        rows = max(1, ROUNDING_BUDGET // train.shape[1])
+        err = torch.empty(rows, train.shape[1], device=train.device)
+        for r in range(0, train.shape[0], rows):    # in blocks through one scratch buffer
+            block = err[:min(rows, train.shape[0] - r)]
+            block.copy_(self.train_bf16[r:r + rows]).sub_(train[r:r + rows])
+            self.e = torch.maximum(self.e, block.norm(dim=1).max())
+        self.gamma = _gamma(train.shape[1])
+        self.margin = margin
+        self.wider_rows = 0         # rows that needed k + 4 margin candidates (for tests and benchmarks)
+        self.fallback_rows = 0      # rows redone in float32: the certificate failed twice
+        self._sim = torch.empty(0, dtype=torch.bfloat16, device=train.device)
+
+    def _sim_buffer(self, rows: int) -> torch.Tensor:
+        """The bf16 similarity chunk, reused: a fresh 256 MiB allocation costs page faults per chunk."""
+        n = rows * self.train.shape[0]
+        if self._sim.numel() < n:
+            self._sim = torch.empty(n, dtype=torch.bfloat16, device=self.train.device)
+        return self._sim[:n].view(rows, self.train.shape[0])
+
+    def _rerank(self, query: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """float32 similarities of each query row to its candidate train rows (``cand`` [c, m], each
+        row sorted): one sampled matrix product, so the candidate rows are never copied out."""
+        c, m = cand.shape
+        crow = torch.arange(0, c * m + 1, m, device=cand.device)
+        with warnings.catch_warnings():     # "sparse CSR support is in beta": sampled_addmm is what we need
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cand.reshape(-1), torch.zeros(c * m, device=cand.device),
+                                              size=(c, self.train.shape[0]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, query, self.train.T, beta=0.0).values().view(c, m)
+
+    def delta(self, query: torch.Tensor, query_bf16: torch.Tensor) -> torch.Tensor:
+        """Per query row: how far a float32 sum of bf16 products, or a float32 dot product, can lie
+        from the exact similarity to any train row (the class docstring derives it)."""
+        a = query.norm(dim=1)
+        ea = (query_bf16.float() - query).norm(dim=1)
+        b, e, g = self.b, self.e, self.gamma
+        return (ea * (b + e) + a * e + g * (a + ea) * (b + e) + g * a * b) * (1 + 2.0 ** -10) + 2.0 ** -20
+
+    def topk(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Certified top k of the chunk; rows failing with k + margin candidates try k + 4 margin
+        (cheap: their bf16 similarities are still at hand), then the float32 search."""
+        n_train = self.train.shape[0]
+        query_bf16 = query.to(torch.bfloat16)
+        sim_bf16 = _bf16_matmul(query_bf16, self.train_bf16, self._sim_buffer(query.shape[0]))
+        threshold = self.delta(query, query_bf16)
+        sim, idx, failed = self._certified_topk(query, sim_bf16, threshold, k, min(n_train, k + self.margin))
+        if failed.numel():
+            wider = min(n_train, k + 4 * self.margin)
+            if wider > k + self.margin:
+                self.wider_rows += int(failed.numel())
+                s2, i2, still = self._certified_topk(query[failed], sim_bf16[failed], threshold[failed], k, wider)
+                sim[failed], idx[failed] = s2, i2
+                failed = failed[still]
+        if failed.numel():
+            self.fallback_rows += int(failed.numel())
+            sim[failed], idx[failed] = (query[failed] @ self.train.T).topk(k, dim=1)
+        return sim, idx
+
+    def _certified_topk(self, query: torch.Tensor, sim_bf16: torch.Tensor, delta: torch.Tensor, k: int, m: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top k of the float32 re-ranked top m bf16 candidates, and the rows whose certificate fails."""
+        cand_sim, cand = sim_bf16.topk(m, dim=1)
+        s_m = cand_sim[:, -1].float()
+        cand = cand.sort(dim=1).values
+        sim, pos = self._rerank(query, cand).topk(k, dim=1)
+        idx = cand.gather(1, pos)
+        if m == self.train.shape[0]:    # every row is a candidate: nothing to certify
+            return sim, idx, cand.new_zeros(0)
+        certified = sim[:, -1] >= s_m + U_BF16 * s_m.abs() + delta
+        return sim, idx, (~certified).nonzero()[:, 0]
+
+
+def _bf16_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in bf16 with float32 accumulation (the certificate's assumption; cuBLAS may otherwise
+    reduce split-K partial sums in bf16)."""
+    if a.device.type != "cuda":
+        return torch.mm(a, b.T, out=out)
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        return torch.mm(a, b.T, out=out)
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
 def nearest_neighbours(train_features: torch.Tensor, test_features: torch.Tensor, k: int,
-                       chunk_size: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                       chunk_size: int | None = None, precision: str = "auto",
+                       margin: int | None = None, stats: dict | None = None
+                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Cosine k-nearest train rows of every test row, chunk by chunk: yields (first test row,
-    similarities [c, k], train indices [c, k]), most similar first.
+    float32 similarities [c, k], train indices [c, k]), most similar first.
 
-    Rows are L2-normalised here. ``chunk_size`` test rows at a time (default: as many as fit
-    ``SIMILARITY_BUDGET``), so memory is bounded whatever the number of test rows; the work runs on
-    the train features' device (GPU when they are on GPU).
+    Rows are L2-normalised here in float32. ``chunk_size`` test rows at a time (default: as many as
+    fit ``SIMILARITY_BUDGET``), so memory is bounded whatever the number of test rows; the work runs
+    on the train features' device (GPU when they are on GPU).
+
+    ``precision``: "fp32" multiplies in float32; "bf16" finds ``k + margin`` candidates per row with
+    a bf16 product, re-ranks them in float32 and proves the result equal to the float32 search (rows
+    where the proof fails are redone in float32, see ``_Bf16Search``), so both give the same
+    neighbours, ties aside; "auto" takes "bf16" where it pays off (``resolve_precision``).
+    ``margin`` defaults to max(k, 32). ``stats``, if given, receives the precision used, the number
+    of rows that needed k + 4 margin candidates (``wider_rows``) and of rows redone in float32
+    (``fallback_rows``).
     """
     n_train = train_features.shape[0]
     if not 1 <= k <= n_train:
         raise ValueError(f"k must lie in 1..{n_train} (the number of train features), got {k}")
-    train = F.normalize(train_features, dim=1)
+    margin = max(k, 32) if margin is None else margin
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    train = F.normalize(train_features.float(), dim=1)
+    precision = resolve_precision(precision, train.device, n_train, test_features.shape[0], train.shape[1],
+                                  k + margin)
+    search = _Bf16Search(train, margin) if precision == "bf16" else None
+    if stats is not None:
+        stats.update(precision=precision, wider_rows=0, fallback_rows=0)
     if chunk_size is None:
         chunk_size = max(1, SIMILARITY_BUDGET // n_train)
     for start in range(0, test_features.shape[0], chunk_size):
-        query = F.normalize(test_features[start:start + chunk_size].to(train.device, train.dtype), dim=1)
-        sim, idx = (query @ train.T).topk(k, dim=1)
+        query = F.normalize(test_features[start:start + chunk_size].to(train.device, torch.float32), dim=1)
+        if search is None:
+            sim, idx = (query @ train.T).topk(k, dim=1)
+        else:
+            sim, idx = search.topk(query, k)
+            if stats is not None:
+                stats.update(wider_rows=search.wider_rows, fallback_rows=search.fallback_rows)
         yield start, sim, idx
 
 
 def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  num_classes: int, ks: Sequence[int] = (20,), temperature: float = 0.07,
-                 chunk_size: int | None = None) -> dict[int, torch.Tensor]:
+                 chunk_size: int | None = None, precision: str = "auto", margin: int | None = None,
+                 stats: dict | None = None) -> dict[int, torch.Tensor]:
     """Class scores of a cosine-similarity kNN vote, one [M, C] float32 tensor per k.
 
     train_features [N, D], train_labels [N] (class ids), test_features [M, D]. Each test row's k
     most similar train rows vote for their class with weight exp(sim / temperature). One neighbour
-    search at the largest k serves every k. Memory and device: see ``nearest_neighbours``.
+    search at the largest k serves every k. Memory, device, ``precision`` (the bf16 search is exact
+    too) and ``margin``: see ``nearest_neighbours``.
     """
     if not ks:
         raise ValueError("ks is empty")
@@ -64,8 +241,9 @@ def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     scores = {k: torch.zeros(test_features.shape[0], num_classes, device=device) for k in ks}
     if min(ks) < 1:
         raise ValueError(f"k must be positive, got {list(ks)}")
-    for start, sim, idx in nearest_neighbours(train_features, test_features, max(ks), chunk_size):
-        weight = (sim.float() / temperature).exp()
+    for start, sim, idx in nearest_neighbours(train_features, test_features, max(ks), chunk_size, precision,
+                                              margin, stats):
+        weight = (sim / temperature).exp()
         neighbour_labels = labels[idx]
         for k in ks:
             scores[k][start:start + idx.shape[0]].scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
@@ -77,6 +255,8 @@ class Config(ProtocolConfig):
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07         # vote weight exp(sim / T), as in InstDisc/DINO and the paper
     chunk_size: int = 0               # val rows per similarity chunk; 0 = as many as fit SIMILARITY_BUDGET
+    precision: str = "auto"           # neighbour search: fp32, or bf16 candidates + float32 re-ranking with
+                                      # a proof of equality (exact too); auto = bf16 where it is fast
     cache_dir: Optional[str] = "~/.cache/cgh/features"   # feature cache; "" or null disables it
 
 
@@ -86,6 +266,8 @@ def run(cfg: Config) -> Path:
     ks = sorted(set(int(k) for k in cfg.ks))
     if not ks or ks[0] < 1:
         raise ConfigError(f"config key 'ks': need positive integers, got {list(cfg.ks)}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"config key 'precision' must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.temperature <= 0:
         raise ConfigError(f"config key 'temperature' must be > 0, got {cfg.temperature}")
     device = select_device(cfg.device)
@@ -107,7 +289,7 @@ def run(cfg: Config) -> Path:
         feats[split] = (f, y)
     (train_f, train_y), (val_f, val_y) = feats[cfg.train_split], feats[cfg.val_split]
     scores = weighted_knn(train_f.to(device), train_y, val_f.to(device), len(classes), ks=ks,
-                          temperature=cfg.temperature, chunk_size=cfg.chunk_size or None)
+                          temperature=cfg.temperature, chunk_size=cfg.chunk_size or None, precision=cfg.precision)
     metrics: dict[str, float] = {}
     for k in ks:
         acc = topk_accuracy(scores[k], val_y.to(device), (1, 5))

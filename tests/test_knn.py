@@ -205,3 +205,116 @@ def test_cli_flags_map_to_config_keys(synth_cls_root, random_ckpt, tmp_path, cap
     code = main(["eval", "knn", "--config", "eval/knn_synth", "--checkpoint", str(tmp_path / "missing.safetensors"),
                  "--data-root", str(synth_cls_root), "-o", str(out)])
     assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+# --- Exact bf16 search: bf16 candidates, float32 re-ranking, a certificate, float32 fallback ---
+
+def neighbours(xtr, xte, k, **kw):
+    stats = {}
+    out = list(knn.nearest_neighbours(xtr, xte, k, stats=stats, **kw))
+    return torch.cat([s for _, s, _ in out]), torch.cat([i for _, _, i in out]), stats
+
+
+def near_ties(n_base=300, copies=6, n_test=120, dim=256, eps=2e-3, seed=0):
+    """Train rows in tight groups: each base row plus copies perturbed by ``eps``, so in-group cosine
+    gaps (~1e-4) lie far below bf16 resolution (~4e-3) yet far above float32 rounding (~1e-7);
+    queries sit near base rows, so their k nearest are such a group: bf16 alone cannot order them."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_base, dim, generator=g)
+    groups = base.repeat_interleave(copies, 0)
+    xtr = groups + eps * torch.randn(groups.shape, generator=g)
+    xte = base[torch.randint(0, n_base, (n_test,), generator=g)] + 0.3 * torch.randn(n_test, dim, generator=g)
+    return xtr, xte
+
+
+def same_sets(a, b):
+    return (a.sort(1).values == b.sort(1).values).all(1)
+
+
+def assert_same_neighbours(sim_a, idx_a, sim_b, idx_b, tol=1e-6):
+    """Same neighbour sets, ties aside: where sets differ, the swapped rows tie with the k-th
+    similarity within float32 rounding (two summation orders); the similarities agree everywhere."""
+    torch.testing.assert_close(sim_a, sim_b, rtol=0, atol=tol)
+    for r in (~same_sets(idx_a, idx_b)).nonzero()[:, 0].tolist():
+        only_a = [j for j, t in enumerate(idx_a[r].tolist()) if t not in set(idx_b[r].tolist())]
+        assert (sim_a[r, only_a] - sim_b[r, -1]).abs().max() <= tol, (r, sim_a[r], sim_b[r])
+
+
+@pytest.mark.parametrize("data", ["clustered", "near_ties"])
+def test_bf16_search_equals_fp32_and_brute_force(data):
+    if data == "clustered":
+        xtr, ytr, xte, _ = clustered(n_train=3000, n_test=200, dim=64, seed=2)
+    else:
+        xtr, xte = near_ties()
+        ytr = torch.randint(0, 7, (len(xtr),), generator=torch.Generator().manual_seed(3))
+    k = 10
+    s32, i32, st32 = neighbours(xtr, xte, k, precision="fp32")
+    s16, i16, st16 = neighbours(xtr, xte, k, precision="bf16", chunk_size=64)
+    assert st32["precision"] == "fp32" and st16["precision"] == "bf16"
+    assert_same_neighbours(s16, i16, s32, i32)              # float32 dot products either way
+    # The certificate held for most rows (the fast path is really taken, not always the fallback).
+    assert st16["fallback_rows"] < len(xte) // 2, st16
+    # Same vote as the float64 one-query-at-a-time definition.
+    scores = weighted_knn(xtr, ytr, xte, 7, ks=(k,), temperature=0.07, precision="bf16")[k].double().numpy()
+    np.testing.assert_allclose(scores, brute_force_knn(xtr, ytr, xte, k, 0.07, 7), rtol=1e-4, atol=1e-30)
+
+
+def test_certificate_catches_bf16_misorder():
+    """With no margin the bf16 top k is the only candidate set; on near-ties bf16 picks wrong
+    members for many rows, the certificate must reject those and the float32 fallback fix them."""
+    xtr, xte = near_ties(n_test=60)
+    k = 5
+    s32, i32, _ = neighbours(xtr, xte, k, precision="fp32")
+    xtr_n = torch.nn.functional.normalize(xtr, dim=1)
+    xte_n = torch.nn.functional.normalize(xte, dim=1)
+    bf16_only = (xte_n.bfloat16() @ xtr_n.bfloat16().T).float().topk(k, dim=1).indices
+    wrong = int((~same_sets(bf16_only, i32)).sum())
+    assert wrong > 10                                    # the data does defeat bf16 alone
+    s16, i16, st = neighbours(xtr, xte, k, precision="bf16", margin=0)
+    assert st["fallback_rows"] >= wrong                  # every wrong row was caught ...
+    assert_same_neighbours(s16, i16, s32, i32)           # ... and redone exactly
+    # Margin 1: k + 1 candidates miss group members, so rows go to the second tier (k + 4 candidates,
+    # the whole group), which certifies them without the float32 fallback.
+    s16, i16, st = neighbours(xtr, xte, k, precision="bf16", margin=1)
+    assert st["wider_rows"] >= wrong and st["fallback_rows"] < wrong, st
+    assert_same_neighbours(s16, i16, s32, i32)
+    # A margin covering the whole group certifies rows at once, still exactly.
+    s16, i16, st = neighbours(xtr, xte, k, precision="bf16", margin=40)
+    assert st["wider_rows"] < wrong and st["fallback_rows"] < wrong, st
+    assert_same_neighbours(s16, i16, s32, i32)
+
+
+def test_bf16_error_bound_holds_when_rounding_errors_align():
+    """The certificate's delta bounds |bf16 similarity - exact| even for vectors built so that
+    every element's bf16 rounding error has the sign of the other vector's element (the
+    Cauchy-Schwarz worst case), and for random ones; float64 gives the exact value."""
+    g = torch.Generator().manual_seed(5)
+    dim = 512
+    # Positive elements just below the midpoint between two bf16 numbers: each rounds down by almost
+    # half an ulp, so in x.x every product loses, none compensates.
+    v = torch.nn.functional.normalize(torch.rand(dim, generator=g) + 0.1, dim=0)
+    lo = v.view(torch.int32).bitwise_and(~0xFFFF).view(torch.float32)          # v truncated to bf16
+    ulp = (lo.view(torch.int32) + 0x10000).view(torch.float32) - lo
+    x = lo + 0.499 * ulp                                                        # norm 1 - O(2^-9)
+    assert torch.equal(x.bfloat16().float(), lo)
+    rand = torch.nn.functional.normalize(torch.randn(250, dim, generator=g), dim=1)
+    train, query = torch.cat([x[None], rand[:200]]), torch.cat([x[None], rand[200:]])
+    search = knn._Bf16Search(train, margin=0)
+    q16 = query.bfloat16()
+    out = (q16 @ search.train_bf16.T).double()
+    exact = query.double() @ train.double().T
+    err = (out - exact).abs()
+    allowed = knn.U_BF16 * out.abs() + search.delta(query, q16).double()[:, None]
+    assert (err <= allowed).all()
+    assert err[0, 0] > 0.5 * allowed[0, 0]   # the aligned pair uses much of the bound: it is not slack
+
+
+def test_precision_option_is_checked(tmp_path):
+    xtr, ytr, xte, _ = clustered(n_train=50, n_test=5)
+    with pytest.raises(ValueError, match="precision"):
+        weighted_knn(xtr, ytr, xte, 7, ks=(3,), precision="fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        knn.run(knn_cfg(knn, tmp_path / "c.safetensors", tmp_path, tmp_path / "o", precision="half"))
+    assert knn.resolve_precision("auto", torch.device("cpu"), 100, 10 ** 7, 2048, 40) == "fp32"   # too few rows
+    assert knn.resolve_precision("auto", torch.device("cpu"), 10 ** 5, 10 ** 4, 256, 40) == "fp32"  # dim too small
+    assert knn.resolve_precision("bf16", torch.device("cpu"), 100, 1, 8, 40) == "bf16"             # as asked
