@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-BATCH, STEPS, SIZE = 8, 2, 32
+BATCH, STEPS, SIZE = 16, 2, 64
 OVERRIDES = ["output_dir=unused", "data.root=unused", "model.arch=resnet18", "model.dim=32",
-             "model.hidden_dim=64", "model.queue_size=16", "model.teacher_bn=plain", "model.sync_bn=true",
+             "model.hidden_dim=64", "model.queue_size=32", "model.teacher_bn=plain", "model.sync_bn=true",
              "model.layers=[layer2,layer4]", f"optim.batch_size={BATCH}", "optim.warmup_epochs=1",
              "loss.warmup_epochs=1", "run.precision=fp32", "run.device=cpu", "optim.base_lr=1.0"]
 
@@ -81,6 +81,8 @@ def test_two_processes_match_one(tmp_path):
     assert torch.allclose(a["losses"], b["losses"], rtol=1e-5, atol=1e-6), (a["losses"], b["losses"])
     assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) > 50
     # gradients of the first step (DDP-averaged) agree to float rounding (measured: 2e-5 relative).
+    # (16 images of 64 px: with 8 images of 32 px, layer4 is 1x1 and its synchronised BN statistics
+    # over 8 values amplified reduction-order rounding into ~1e-3 parameter differences.)
     # After the first update the parameters differ by ~1e-5 (rounding), and in the second step that
     # grew to ~1% in a few backbone gradients (measured), so the second step is compared through its
     # loss, the updated parameters and the queues instead.
@@ -99,4 +101,4 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(a["state"][k], b["state"][k], atol=1e-5), k
     for k in ("queue.labels", "queue.indices", "queue.ptr"):
         assert torch.equal(a["state"][k], b["state"][k]), k
-    assert a["state"]["queue.indices"].tolist() == list(range(16))
+    assert a["state"]["queue.indices"].tolist() == list(range(STEPS * BATCH))
