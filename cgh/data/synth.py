@@ -70,11 +70,31 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return bg
 
 
+def _calm_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Classification background: a smooth low-contrast colour field, sometimes faint stripes, mild noise.
+
+    Why calm: for instance discrimination a busy, unique-per-image texture is a shortcut shared by
+    both views (and a random crop often misses the shape), so self-supervised features learn the
+    background instead of the shape. Colour, gradient, texture and noise still vary per image.
+    """
+    g = int(rng.integers(2, 5))
+    field = np.asarray(Image.fromarray(rng.integers(0, 256, (g, g, 3), dtype=np.uint8))
+                       .resize((size, size), Image.BICUBIC), dtype=np.float32)
+    base = rng.uniform(40, 215, 3).astype(np.float32)
+    bg = base + rng.uniform(0.15, 0.45) * (field - field.mean((0, 1)))
+    if rng.random() < 0.35:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.03, 0.12), rng.uniform(0, 2 * np.pi)
+        bg += rng.uniform(4, 12) * np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta))
+                                          + phase)[..., None]
+    return bg + rng.normal(0, rng.uniform(2, 6), bg.shape)
+
+
 def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _clutter(rng: np.random.Generator, img: Image.Image, count: int, max_len: float) -> None:
+def _clutter(rng: np.random.Generator, img: Image.Image, count: int, max_len: float, max_width: int = 2) -> None:
     """Distractors drawn in place: short lines, dots and arcs in random colours."""
     draw = ImageDraw.Draw(img)
     w, h = img.size
@@ -85,9 +105,9 @@ def _clutter(rng: np.random.Generator, img: Image.Image, count: int, max_len: fl
         if kind == 0:
             a, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 1.0) * max_len
             draw.line([x, y, x + length * np.cos(a), y + length * np.sin(a)], fill=colour,
-                      width=int(rng.integers(1, 3)))
+                      width=int(rng.integers(1, max_width + 1)))
         elif kind == 1:
-            r = rng.uniform(0.8, 2.5)
+            r = rng.uniform(0.8, 2.5) * max_width / 2
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         else:
             r = rng.uniform(0.2, 0.6) * max_len
@@ -119,11 +139,11 @@ def _to_uint8(a: np.ndarray) -> Image.Image:
 def classification_image(seed: int, class_index: int, index: int, shape: str, size: int) -> Image.Image:
     """One image whose only label-bearing content is ``shape``."""
     rng = np.random.default_rng([seed, _CLS, class_index, index])
-    bg_img = _to_uint8(_background(rng, size))
-    _clutter(rng, bg_img, int(rng.integers(3, 10)), max_len=size * 0.5)
+    bg_img = _to_uint8(_calm_background(rng, size))
+    _clutter(rng, bg_img, int(rng.integers(1, 5)), max_len=size * 0.4, max_width=1)
     bg = np.asarray(bg_img, dtype=np.float32)
 
-    radius = rng.uniform(0.2, 0.4) * size
+    radius = rng.uniform(0.25, 0.42) * size
     cx, cy = rng.uniform(0.8 * radius, size - 0.8 * radius, 2)   # may touch the border a little
     angle, aspect = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15)
     ss = _SUPERSAMPLE
@@ -132,7 +152,7 @@ def classification_image(seed: int, class_index: int, index: int, shape: str, si
     alpha = alpha[..., None].astype(np.float32)
     colour = _contrasting_colour(rng, bg[alpha[..., 0] > 0.5].mean(0) if alpha.max() > 0.5 else bg.mean((0, 1)))
     img = _to_uint8(bg * (1 - alpha) + _fill(rng, colour, size) * alpha)
-    _clutter(rng, img, int(rng.integers(0, 3)), max_len=size * 0.25)   # a little occlusion
+    _clutter(rng, img, int(rng.integers(0, 2)), max_len=size * 0.25, max_width=1)   # a little occlusion
     return img
 
 
