@@ -151,6 +151,8 @@ def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
     if norm:
         _walk(model, lambda d: d.update(type=norm) if d.get("type") in ("SyncBN", "BN", "naiveSyncBN")
               and "requires_grad" in d else None)
+        if c.get("norm_cfg"):   # the config file's shared variable, so the saved config says what ran
+            c.norm_cfg.type = norm
 
     if cfg.data_root:
         _walk({k: c[k] for k in ("train_dataloader", "val_dataloader", "test_dataloader") if c.get(k)},
