@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def moco_detectron2_name(key: str) -> str:
+    """MoCo's detection/convert-pretrain-to-detectron2.py renaming, written out independently of
+    transfer.convert (the reference the hub's detectron2 reader and writer are checked against)."""
+    if "layer" not in key:
+        key = "stem." + key
+    for t in [1, 2, 3, 4]:
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in [1, 2, 3]:
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")

@@ -14,6 +14,8 @@ from cgh.cli import main as cgh_main
 from transfer.convert import (ConvertError, convert_checkpoint, from_detectron2_name, save_detectron2,
                               save_mmseg, save_torchvision, to_detectron2_name)
 
+from _helpers_transfer import moco_detectron2_name
+
 
 def _random_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -35,17 +37,6 @@ def r18() -> dict:
     return backbone_state_dict(_random_resnet("resnet18", seed=1))
 
 
-def moco_names(key: str) -> str:
-    """MoCo's detection/convert-pretrain-to-detectron2.py rules, written out independently."""
-    if "layer" not in key:
-        key = "stem." + key
-    for t in [1, 2, 3, 4]:
-        key = key.replace(f"layer{t}", f"res{t + 1}")
-    for t in [1, 2, 3]:
-        key = key.replace(f"bn{t}", f"conv{t}.norm")
-    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-
-
 def test_detectron2_names_by_hand():
     assert to_detectron2_name("conv1.weight") == "stem.conv1.weight"
     assert to_detectron2_name("bn1.running_var") == "stem.conv1.norm.running_var"
@@ -59,7 +50,7 @@ def test_detectron2_names_by_hand():
 def test_detectron2_names_follow_moco_and_invert_exactly(arch):
     with torch.device("meta"):
         keys = list(backbone_state_dict(getattr(torchvision.models, arch)(weights=None)))
-    assert [to_detectron2_name(k) for k in keys] == [moco_names(k) for k in keys]
+    assert [to_detectron2_name(k) for k in keys] == [moco_detectron2_name(k) for k in keys]
     assert [from_detectron2_name(to_detectron2_name(k)) for k in keys] == keys
 
 
@@ -78,9 +69,9 @@ def test_detectron2_pkl_is_moco_format(r18, tmp_path):
     with open(path, "rb") as f:
         obj = pickle.load(f)   # our own file, just written: plain pickle of numpy arrays
     assert isinstance(obj["__author__"], str) and obj["matching_heuristics"] is True
-    assert set(obj["model"]) == {moco_names(k) for k in r18}
+    assert set(obj["model"]) == {moco_detectron2_name(k) for k in r18}
     for k, v in r18.items():
-        arr = obj["model"][moco_names(k)]
+        arr = obj["model"][moco_detectron2_name(k)]
         assert isinstance(arr, np.ndarray) and arr.dtype == np.float32
         assert np.array_equal(arr, v.numpy())
     with pytest.raises(ConvertError, match=r"must end in \.pkl"):
@@ -146,7 +137,7 @@ def test_detectron2_checkpointer_loads_every_backbone_weight(r50, tmp_path):
     assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads"
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(path))
-    expected = {moco_names(k): v for k, v in r50.items()}
+    expected = {moco_detectron2_name(k): v for k, v in r50.items()}
     seen = set()
     for name, value in model.state_dict().items():
         if name.endswith("num_batches_tracked"):

@@ -24,6 +24,8 @@ from cgh.backbone import backbone_state_dict
 from cgh.canonical import save_canonical
 from transfer.hub import CheckpointError, load_backbone
 
+from _helpers_transfer import moco_detectron2_name
+
 
 def _random_resnet(arch: str) -> nn.Module:
     torch.manual_seed(0 if arch == "resnet50" else 1)
@@ -255,20 +257,9 @@ def save_lightly_lightning(model, d):
     return d / "lightly.ckpt"
 
 
-def _moco_detectron2_names(key: str) -> str:
-    """MoCo's convert-pretrain-to-detectron2.py renaming, written out independently of transfer.convert."""
-    if "layer" not in key:
-        key = "stem." + key
-    for t in [1, 2, 3, 4]:
-        key = key.replace(f"layer{t}", f"res{t + 1}")
-    for t in [1, 2, 3]:
-        key = key.replace(f"bn{t}", f"conv{t}.norm")
-    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-
-
 def save_detectron2_pkl(model, d):
     """What MoCo's converter writes (num_batches_tracked included, as it keeps every key)."""
-    newmodel = {_moco_detectron2_names(k): v.numpy() for k, v in full_sd(model).items() if not k.startswith("fc.")}
+    newmodel = {moco_detectron2_name(k): v.numpy() for k, v in full_sd(model).items() if not k.startswith("fc.")}
     with open(d / "moco_r50.pkl", "wb") as f:
         pickle.dump({"model": newmodel, "__author__": "MOCO", "matching_heuristics": True}, f)
     return d / "moco_r50.pkl"
@@ -276,7 +267,7 @@ def save_detectron2_pkl(model, d):
 
 def save_detectron2_trained(model, d):
     """A detectron2 R50-C4 training output: stem..res4 under backbone., res5 in the ROI head."""
-    bb = {_moco_detectron2_names(k): v for k, v in full_sd(model).items()
+    bb = {moco_detectron2_name(k): v for k, v in full_sd(model).items()
           if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     sd = {("roi_heads." if k.startswith("res5.") else "backbone.") + k: v for k, v in bb.items()}
     sd.update({"proposal_generator.rpn_head.conv.weight": torch.randn(4, 4, 3, 3),
