@@ -3,6 +3,9 @@
 The teacher sees a lightly augmented image so its similarity distribution is a reliable target;
 the student sees a heavily corrupted one (ReSSL's weak/contrastive augmentation, used by CGH).
 Sizes are arguments so the CPU demo can train on 32-64 px images; the defaults are ImageNet's.
+The blur radius follows the view size (``BLUR_SIGMA`` is for a 224 px view, as SimCLR sizes its
+kernel at 10% of the image): a radius of 2 px would wipe out a 32 px image, and small-image
+codebases (MoCo's CIFAR demo, solo-learn's CIFAR configs) drop the blur for that reason.
 Every transform returns ``(student views list, teacher view)``; the default collate turns a batch
 of those into ``(list of [B, 3, h, w] tensors, [B, 3, H, W])``, what ``CGHModel`` takes.
 """
@@ -23,12 +26,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MULTI_CROP_SIZES = (192, 160, 128, 96)
 MULTI_CROP_MIN_SCALES = (0.172, 0.143, 0.114, 0.086)
 MULTI_CROP_MAX_SCALES = (0.86, 0.715, 0.571, 0.429)
+BLUR_SIGMA = (0.1, 2.0)     # MoCo v2 / SimCLR blur radius range for a 224 px view
+BLUR_REFERENCE_SIZE = 224
+
+
+def blur_sigma(size: int) -> tuple[float, float]:
+    """The blur radius range for views of ``size`` px (main view size; 224 -> (0.1, 2.0))."""
+    scale = size / BLUR_REFERENCE_SIZE
+    return BLUR_SIGMA[0] * scale, BLUR_SIGMA[1] * scale
 
 
 class GaussianBlur:
     """PIL Gaussian blur with a radius drawn uniformly from ``sigma`` (MoCo v2 / SimCLR)."""
 
-    def __init__(self, sigma=(0.1, 2.0)):
+    def __init__(self, sigma=BLUR_SIGMA):
         self.sigma = sigma
 
     def __call__(self, img):
@@ -45,13 +56,15 @@ def teacher_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std
                       *_finish(mean, std)])
 
 
-def student_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Strong MoCo-v2 view: crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5), flip."""
+def student_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      sigma=None):
+    """Strong MoCo-v2 view: crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5), flip.
+    ``sigma``: blur radius range; default ``blur_sigma(size)`` ((0.1, 2.0) at 224 px)."""
     return T.Compose([
         T.RandomResizedCrop(size, scale=tuple(scale)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        T.RandomApply([GaussianBlur(blur_sigma(size) if sigma is None else sigma)], p=0.5),
         T.RandomHorizontalFlip(),
         *_finish(mean, std),
     ])
@@ -73,7 +86,7 @@ class MultiCropTransform:
 
     ``crop_sizes`` default to the authors' 192/160/128/96 scaled by ``size / 224`` (so a 64 px demo
     gets 55/46/37/27 px crops); each small crop uses the strong augmentation with its own crop
-    scale range.
+    scale range and the main view's blur radius (the authors use one blur setting for all crops).
     """
 
     def __init__(self, size: int = 224, scale=(0.2, 1.0), crop_sizes=None,
@@ -85,7 +98,7 @@ class MultiCropTransform:
             raise CghError(f"multi-crop needs one min and max scale per crop size (got "
                            f"{len(crop_sizes)} sizes, {len(min_scales)} min, {len(max_scales)} max)")
         self.main = TwoViewTransform(size, scale, mean, std)
-        self.small = [student_transform(s, (lo, hi), mean, std)
+        self.small = [student_transform(s, (lo, hi), mean, std, sigma=blur_sigma(size))
                       for s, lo, hi in zip(crop_sizes, min_scales, max_scales)]
 
     def __call__(self, img):

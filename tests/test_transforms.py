@@ -1,9 +1,12 @@
 """Pretraining views: sizes, structure after collation, and a weak view without colour changes."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
+from torchvision import transforms as T
 
 from cgh.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, TwoViewTransform
 
@@ -34,3 +37,27 @@ def test_teacher_view_keeps_colours_student_view_changes_them():
         torch.testing.assert_close(weak, expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-5, rtol=0)
         changed += not torch.allclose(strong, weak, atol=1e-3)
     assert changed >= 10  # colour jitter p=0.8 and grayscale p=0.2 alter most strong views
+
+
+def test_blur_radius_follows_the_view_size():
+    """(0.1, 2.0) px at 224 px as MoCo v2 / SimCLR; proportionally smaller for smaller views (a 2 px
+    radius would erase a 32 px view), and multi-crop's small crops keep the main view's radius."""
+    from cgh.transforms import GaussianBlur, blur_sigma
+
+    def blurs(transform):
+        return [t.transforms[0] for t in transform.transforms
+                if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], GaussianBlur)]
+
+    assert blur_sigma(224) == (0.1, 2.0)
+    assert blur_sigma(32) == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    (two_blur,) = blurs(TwoViewTransform(size=32).student)
+    assert two_blur.sigma == blur_sigma(32)
+    multi = MultiCropTransform(size=224)
+    assert [b.sigma for t in multi.small for b in blurs(t)] == [(0.1, 2.0)] * 4
+    # Behaviour, not only the setting: at 32 px a blurred edge stays sharp, at 224 px it does not.
+    edge = Image.new("RGB", (32, 32), (0, 0, 0))
+    edge.paste((255, 255, 255), (16, 0, 32, 32))
+    small = np.asarray(GaussianBlur((blur_sigma(32)[1],) * 2)(edge))[16, 14:18, 0]
+    large = np.asarray(GaussianBlur((2.0, 2.0))(edge))[16, 14:18, 0]
+    assert small[0] < 5 and small[-1] > 250
+    assert large[0] > 20 and large[-1] < 235
