@@ -20,7 +20,10 @@ MEASURED (2 busy CPU cores, kNN top-1 %, best of k in {10, 20, 50}, random init 
   steps, 142 s of CPU): no collapse (loss 5.1-5.2 < ln 256), trained 11.5-12.5; the same run with
   InfoNCE only: 14.0. A supervised ResNet-18 (same 32 px, 240 steps) reached only 15.0 (random 12.5).
 So no run within the fixture's CPU budget reached the margin; the gain test is an expected
-failure until one does (it reports the numbers either way). See the signal helper's report.
+failure until one does (it reports the numbers either way). README "Learning signal on
+synthshapes" has the later diagnosis (an independent MoCo loop behaves the same; colour is learned
+first; conv1 thrash; supervised training is as slow), and ``benchmarks/learning_signal.py`` runs
+this measurement with any step budget and device.
 """
 from __future__ import annotations
 
