@@ -456,6 +456,7 @@ def _fmt(v) -> str:
 def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_epoch, total_steps, device,
                  peak_lr, thresholds, logger, last_ckpt) -> dict:
     """One epoch; loss terms are summed on the device and read at ``log_every`` steps and at the end."""
+    from eval.metrics import effective_rank
     from eval.positive_selection import precision_recall, selection_counts, teacher_distribution
 
     main = D.is_main()
@@ -512,6 +513,10 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
     elapsed = time.perf_counter() - t0
     row["img_per_s"] = round(images / elapsed, 2) if elapsed > 0 else None
     row["skipped_images"] = int(packed[len(keys) + 1].item())
+    # Collapse check (once per epoch): how many directions the teacher's keys in the queues use.
+    row["queue_rank_global"] = effective_rank(core.queue.global_keys)
+    if core.queue.hyper_keys is not None:
+        row["queue_rank_hyper"] = effective_rank(core.queue.hyper_keys)
     counts = packed[len(keys) + 2:].view(len(thresholds), 3) if thresholds else None
     if thresholds:
         for t, (p, r) in zip(thresholds, precision_recall(counts)):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from _helpers_trainer import tiny_overrides, tiny_synth
+from cgh.checkpointing import load_checkpoint
 from cgh.cli import main as cli_main
 from cgh.errors import CghError, DatasetError
 from cgh.io import sha256_file
@@ -83,10 +85,17 @@ def test_run_outputs_then_nan_stops_and_keeps_last_checkpoint(tmp_path, synth, c
                                "pos_recall"} <= set(hist[0])
     assert rec["metrics"]["knn_top1"] == hist[0]["knn_top1"] and 0 <= rec["metrics"]["knn_top1"] <= 100
     assert set(rec["extra"]["positive_selection"]) == {"0.05"}
+    # the collapse check: RankMe of each queue at the end of the epoch, as saved in the checkpoint
+    queues = load_checkpoint(ckpt, 0)["model"]
+    for branch in ("global", "hyper"):
+        s = np.linalg.svd(queues[f"queue.{branch}_keys"].double().numpy(), compute_uv=False)
+        p = s / s.sum()
+        assert hist[0][f"queue_rank_{branch}"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
     # the truncated file was passed over once per epoch and counted
     assert rec["extra"]["skipped_images"] == 1 and hist[0]["skipped_images"] == 1
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"epoch", "loss", "gh", "hg", "lr", "knn_top1", "pos_recall", "skipped_images"} <= set(header)
+    assert {"epoch", "loss", "gh", "hg", "lr", "knn_top1", "pos_recall", "skipped_images", "queue_rank_global",
+            "queue_rank_hyper"} <= set(header)
 
     # continue for more epochs with an absurd learning rate: the loss turns NaN, training stops with
     # a clear message (through the CLI: one line, exit status 2) and the last good checkpoint stays
