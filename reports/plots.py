@@ -47,13 +47,21 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def training_curves(records: list[dict]) -> bytes | None:
-    """Pretraining loss and online kNN top-1 per epoch, one line per pretraining run."""
+    """Pretraining loss, online kNN top-1 and (when logged) the queues' effective rank per epoch."""
+    fig = training_curves_figure(records)
+    return None if fig is None else _png(fig)
+
+
+def training_curves_figure(records: list[dict]) -> Figure | None:
+    """The figure behind ``training_curves``, one line per pretraining run (and queue)."""
     runs = [r for r in records if r["protocol"] == "pretrain" and _history(r)]
     if not runs:
         return None
     labels = checkpoint_labels(records)
-    fig = Figure(figsize=(10, 3.6))
-    ax_loss, ax_knn = fig.subplots(1, 2)
+    ranks = any(k.startswith("queue_rank_") for r in runs for h in _history(r) for k in h)
+    fig = Figure(figsize=(15 if ranks else 10, 3.6))
+    axes = fig.subplots(1, 3 if ranks else 2)
+    ax_loss, ax_knn = axes[0], axes[1]
     for rec in runs:
         name = _run_label(rec, labels)
         hist = _history(rec)
@@ -64,14 +72,22 @@ def training_curves(records: list[dict]) -> bytes | None:
             ax_loss.plot(xs, ys, ls="--", lw=1, color=line.get_color(), alpha=0.6, label=f"{name}: {term}")
         xs, ys = _series(hist, "knn_top1")
         if xs:
-            ax_knn.plot(xs, ys, marker="o", ms=3, label=name)
+            ax_knn.plot(xs, ys, marker="o", ms=3, color=line.get_color(), label=name)
+        if ranks:
+            for key, style in (("queue_rank_global", "-"), ("queue_rank_hyper", "--")):
+                xs, ys = _series(hist, key)
+                if xs:
+                    axes[2].plot(xs, ys, marker="o", ms=3, ls=style, color=line.get_color(),
+                                 label=f"{name}: {key.removeprefix('queue_rank_')}")
     ax_loss.set(title="Pretraining loss", xlabel="epoch", ylabel="loss")
     ax_knn.set(title="Online kNN top-1", xlabel="epoch", ylabel="top-1 (%)")
-    for ax in (ax_loss, ax_knn):
+    if ranks:   # a collapse shows as this falling to a handful of directions
+        axes[2].set(title="Queue effective rank (collapse check)", xlabel="epoch", ylabel="RankMe")
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _png(fig)
+    return fig
 
 
 def knn_vs_k(records: list[dict]) -> bytes | None:

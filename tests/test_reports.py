@@ -327,3 +327,24 @@ def test_plots_are_skipped_without_data_and_drawn_from_records(tmp_path):
     out = plots.all_plots(recs)
     assert set(out) == {"knn_vs_k", "checkpoints"}                          # no pretraining record: no curves
     assert out["knn_vs_k"][1][:4] == b"\x89PNG"
+
+
+def test_training_curves_show_the_queue_rank_when_logged(tmp_path):
+    """The collapse check of the pretraining monitor gets its own panel, with the logged values;
+    records from before it was logged keep the two-panel figure."""
+    from _helpers_reports import pretrain_history
+
+    w = RecordWriter(tmp_path / "with")
+    hist = [dict(h, queue_rank_global=100.0 / h["epoch"], queue_rank_hyper=80.0 - h["epoch"])
+            for h in pretrain_history()]
+    w("pretrain", {"loss": 2.0, "knn_top1": 40.0}, checkpoint("cgh", train=CGH_TRAIN), extra={"history": hist})
+    fig = plots.training_curves_figure(collect([tmp_path / "with"]).records)
+    axes = fig.get_axes()
+    assert len(axes) == 3 and "effective rank" in axes[2].get_title()
+    drawn = {line.get_label().rsplit(": ", 1)[-1]: list(line.get_ydata()) for line in axes[2].get_lines()}
+    assert drawn == {"global": [h["queue_rank_global"] for h in hist], "hyper": [h["queue_rank_hyper"] for h in hist]}
+
+    w = RecordWriter(tmp_path / "without")
+    w("pretrain", {"loss": 2.0, "knn_top1": 40.0}, checkpoint("cgh", train=CGH_TRAIN),
+      extra={"history": pretrain_history()})
+    assert len(plots.training_curves_figure(collect([tmp_path / "without"]).records).get_axes()) == 2
