@@ -78,7 +78,7 @@ def main() -> None:
         r = knn_top1(random, root, out / f"knn_random_{size}", size, args.device)
         rows.append({"size": size, "trained": t, "random": r, "gain": round(t - r, 2),
                      "reaches_test_margin": t >= r + TEST_MARGIN})
-    keys = ("epoch", "loss", "infonce", "pos_precision", "knn_top1")
+    keys = ("epoch", "loss", "infonce", "pos_precision", "knn_top1", "queue_rank_global", "queue_rank_hyper")
     print(json.dumps({"config": args.config, "overrides": args.overrides, "device": args.device,
                       "pretrain_seconds": round(seconds, 1), "epochs": cfg.optim.epochs,
                       "batch_size": cfg.optim.batch_size,
