@@ -514,9 +514,11 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
     row["img_per_s"] = round(images / elapsed, 2) if elapsed > 0 else None
     row["skipped_images"] = int(packed[len(keys) + 1].item())
     # Collapse check (once per epoch): how many directions the teacher's keys in the queues use.
-    row["queue_rank_global"] = effective_rank(core.queue.global_keys)
-    if core.queue.hyper_keys is not None:
-        row["queue_rank_hyper"] = effective_rank(core.queue.hyper_keys)
+    # The queues are identical on every process and only rank 0 logs, so only rank 0 computes it.
+    if main:
+        row["queue_rank_global"] = effective_rank(core.queue.global_keys)
+        if core.queue.hyper_keys is not None:
+            row["queue_rank_hyper"] = effective_rank(core.queue.hyper_keys)
     counts = packed[len(keys) + 2:].view(len(thresholds), 3) if thresholds else None
     if thresholds:
         for t, (p, r) in zip(thresholds, precision_recall(counts)):
