@@ -23,10 +23,12 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are computed separately over ``num_splits`` groups.
 
     Training: the batch ``[N, C, H, W]`` is cut into ``G = num_splits`` groups of ``N / G``
-    samples (group ``j`` holds samples ``j, j + G, j + 2G, ...``, MoCo's layout), each normalised
-    with its own mean/variance, exactly what ``G`` GPUs with plain BN would compute. The running
-    statistics of all groups are updated as if each had its own BN and then averaged, as in MoCo's
-    CIFAR demo. Evaluation uses
+    consecutive samples (group ``j`` holds samples ``j N/G .. (j+1) N/G - 1``), each normalised
+    with its own mean/variance, exactly what ``G`` GPUs with plain BN would compute. MoCo's CIFAR
+    demo interleaves the groups (samples ``j, j + G, ...``) through a reshape; on a random batch the
+    two partitions are equivalent, and blocks stay views of a channels_last tensor (the reshape
+    copied every activation twice per layer on the GPU). The running statistics of all groups are
+    updated as if each had its own BN and then averaged, as in MoCo's CIFAR demo. Evaluation uses
     the running statistics like any BatchNorm. The parameters and buffers have the same names and
     shapes as ``nn.BatchNorm2d``, so a model with split-BN exports as a plain torchvision ResNet.
     """
@@ -40,7 +42,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         g = self.num_splits
         if n % g:
             raise CghError(f"split BatchNorm needs the per-device batch ({n}) to be divisible by "
@@ -50,21 +52,17 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
                 factor = 1.0 / float(self.num_batches_tracked)
-        # Put each group on its own channels so one batch_norm call computes per-group statistics.
-        # reshape (not view): a channels_last input cannot be viewed this way and is copied.
-        stats = (self.running_mean.repeat(g), self.running_var.repeat(g)) \
-            if self.track_running_stats else (None, None)
-        y = F.batch_norm(x.reshape(n // g, g * c, h, w), *stats,
-                         self.weight.repeat(g) if self.affine else None,
-                         self.bias.repeat(g) if self.affine else None,
-                         True, factor, self.eps)
+        # Each group is a contiguous block of the batch, so it is a view in either memory format
+        # and runs through the fused (cuDNN) kernel as it is; each group updates its own copy of
+        # the running statistics, averaged afterwards.
+        means = self.running_mean.repeat(g, 1) if self.track_running_stats else [None] * g
+        vars_ = self.running_var.repeat(g, 1) if self.track_running_stats else [None] * g
+        y = torch.cat([F.batch_norm(block, means[j], vars_[j], self.weight, self.bias, True, factor, self.eps)
+                       for j, block in enumerate(x.chunk(g))])
         if self.track_running_stats:
             with torch.no_grad():
-                self.running_mean.copy_(stats[0].view(g, c).mean(0))
-                self.running_var.copy_(stats[1].view(g, c).mean(0))
-        y = y.reshape(n, c, h, w)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            y = y.contiguous(memory_format=torch.channels_last)
+                self.running_mean.copy_(means.mean(0))
+                self.running_var.copy_(vars_.mean(0))
         return y
 
 

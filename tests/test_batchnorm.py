@@ -36,15 +36,16 @@ def test_split_bn_equals_per_group_bn():
     y = split(xs)
     (y * r).sum().backward()
 
-    # Reference: G independent BatchNorms, group j = samples j, j+G, j+2G, ... (MoCo's layout).
+    # Reference: G independent BatchNorms, group j = the j-th block of N/G consecutive samples.
     means, vars_, grads_w = [], [], []
     for j in range(G):
+        block = slice(j * N // G, (j + 1) * N // G)
         bn = copy.deepcopy(plain)
-        xj = x[j::G].clone().requires_grad_(True)
+        xj = x[block].clone().requires_grad_(True)
         yj = bn(xj)
-        (yj * r[j::G]).sum().backward()
-        torch.testing.assert_close(y[j::G], yj, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xs.grad[j::G], xj.grad, rtol=1e-4, atol=1e-5)
+        (yj * r[block]).sum().backward()
+        torch.testing.assert_close(y[block], yj, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xs.grad[block], xj.grad, rtol=1e-4, atol=1e-5)
         means.append(bn.running_mean)
         vars_.append(bn.running_var)
         grads_w.append(bn.weight.grad)
