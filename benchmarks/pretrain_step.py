@@ -41,6 +41,19 @@ def _median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _median_issue_time(fn, steps: int, device: torch.device) -> float:
+    """Median host time to *enqueue* one step (GPU idle at the start, no sync at the end): when it
+    is close to the step time, the step is bound by kernel launches, not by the GPU."""
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    _sync(device)
+    return statistics.median(times)
+
+
 def cgh_step_fn(args, device):
     from cgh.train import build_model, load_pretrain_config, param_groups, train_step
 
@@ -50,6 +63,8 @@ def cgh_step_fn(args, device):
                  f"loss.mode={args.loss_mode}", f"model.hidden_dim={args.hidden_dim}"]
     cfg = load_pretrain_config(None, overrides)
     model = build_model(cfg, 1, device)
+    if args.compile:
+        model.compile()
     opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     b, s = args.batch_size, args.image_size
@@ -71,6 +86,8 @@ def supervised_step_fn(args, device):
     cuda = device.type == "cuda"
     if cuda:
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     b, s = args.batch_size, args.image_size
     x = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last if cuda else
@@ -143,6 +160,7 @@ def main() -> None:
     p.add_argument("--dataset", default="imagenet")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (run.compile)")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -162,11 +180,16 @@ def main() -> None:
     print(f"device={device} arch={args.arch} batch={args.batch_size} image={args.image_size}px "
           f"precision={precision} queue={args.queue_size} teacher_bn={args.teacher_bn} loss={args.loss_mode} "
           f"threads={torch.get_num_threads()}")
-    sup = _median_time(supervised_step_fn(args, device), args.steps, args.warmup, device)
-    cgh = _median_time(cgh_step_fn(args, device), args.steps, args.warmup, device)
+    sup_fn, cgh_fn = supervised_step_fn(args, device), cgh_step_fn(args, device)
+    sup = _median_time(sup_fn, args.steps, args.warmup, device)
+    cgh = _median_time(cgh_fn, args.steps, args.warmup, device)
+    sup_issue = _median_issue_time(sup_fn, args.steps, device)
+    cgh_issue = _median_issue_time(cgh_fn, args.steps, device)
     b = args.batch_size
-    print(f"supervised step: {sup * 1000:.1f} ms median ({b / sup:.1f} img/s)")
-    print(f"CGH step:        {cgh * 1000:.1f} ms median ({b / cgh:.1f} img/s)")
+    print(f"supervised step: {sup * 1000:.1f} ms median ({b / sup:.1f} img/s), "
+          f"host issue time {sup_issue * 1000:.1f} ms")
+    print(f"CGH step:        {cgh * 1000:.1f} ms median ({b / cgh:.1f} img/s), "
+          f"host issue time {cgh_issue * 1000:.1f} ms")
     print(f"ratio CGH / supervised: {cgh / sup:.2f}x (target on an H100: <= 1.5x)")
     if not args.skip_loader:
         rate = loader_images_per_s(args)
