@@ -1,0 +1,112 @@
+"""GPU augmentation (``cgh.gpu_augment``), on CPU: each batched op equals torchvision's per-sample
+functional with the same parameters, and the per-sample order and masks are honoured.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+from cgh import gpu_augment as G
+from cgh.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+B = 6
+
+
+def _images(seed: int = 0) -> torch.Tensor:
+    """[B, 3, 20, 24] in [0, 1] with the HSV corner cases: grey pixels and tied channels."""
+    x = torch.rand(B, 3, 20, 24, generator=torch.Generator().manual_seed(seed))
+    x[0, :, :4] = 0.5
+    x[1] = (x[1] * 4).round() / 4
+    return x
+
+
+def _factors(seed: int = 1) -> torch.Tensor:
+    """[B, 4]: brightness, contrast, saturation in [0.6, 1.4], hue in [-0.1, 0.1], as ColorJitter."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.empty(B, 4).uniform_(0.6, 1.4, generator=g)
+    f[:, G.HUE] = torch.empty(B).uniform_(-0.1, 0.1, generator=g)
+    return f
+
+
+REFERENCE = {G.BRIGHTNESS: TF.adjust_brightness, G.CONTRAST: TF.adjust_contrast,
+             G.SATURATION: TF.adjust_saturation, G.HUE: TF.adjust_hue}
+BATCHED = {G.BRIGHTNESS: G.adjust_brightness, G.CONTRAST: G.adjust_contrast,
+           G.SATURATION: G.adjust_saturation, G.HUE: G.adjust_hue}
+
+
+def _augment(max_sigma: float = 2.0) -> G.PhotometricAugment:
+    return G.PhotometricAugment(max_sigma, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------- the ops
+@pytest.mark.parametrize("op, atol", [(G.BRIGHTNESS, 1e-6), (G.CONTRAST, 1e-6), (G.SATURATION, 1e-6),
+                                      (G.HUE, 1e-5)])
+def test_each_jitter_op_equals_torchvision_per_sample(op, atol):
+    x, f = _images(), _factors()
+    out = BATCHED[op](x, f[:, op])
+    ref = torch.stack([REFERENCE[op](x[b], float(f[b, op])) for b in range(B)])
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    assert not torch.allclose(out, x, atol=1e-3)   # the factors do change the images
+
+
+def test_grayscale_equals_torchvision():
+    x = _images()
+    torch.testing.assert_close(G.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_jitter_follows_each_samples_order_and_mask():
+    x, f = _images(), _factors()
+    orders = torch.tensor([[3, 0, 1, 2], [0, 1, 2, 3], [2, 3, 1, 0], [1, 2, 0, 3], [3, 2, 1, 0], [0, 3, 2, 1]])
+    apply = torch.tensor([True, True, True, True, True, False])
+    out = G.color_jitter(x, apply, orders.float(), f)
+    for b in range(B - 1):
+        ref = x[b]
+        for op in orders[b].tolist():
+            ref = REFERENCE[op](ref, float(f[b, op]))
+        torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
+    assert torch.equal(out[B - 1], x[B - 1])   # jitter off: untouched, bit for bit
+    # the order matters, so the check above can fail: sample 0 in the default order differs
+    default = G.color_jitter(x[:1], apply[:1], torch.arange(4.0).view(1, 4), f[:1])
+    assert (default - out[:1]).abs().max() > 1e-3
+
+
+def _reference_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """One image, direct 2-D convolution with the outer product of the sampled 1-D Gaussian."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k1 = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k1 = k1 / k1.sum()
+    k2 = (k1[:, None] * k1[None, :]).expand(3, 1, -1, -1)
+    padded = F.pad(x[None].double(), (radius,) * 4, mode="reflect")
+    return F.conv2d(padded, k2, groups=3)[0].float()
+
+
+def test_blur_equals_direct_2d_convolution_and_torchvision():
+    x = _images()
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.3, 1.7, 2.0])
+    radius = _augment(2.0).radius
+    assert radius == 6   # 3 sigma of the range's largest sigma
+    out = G.gaussian_blur(x, sigma, radius)
+    for b in range(B):
+        torch.testing.assert_close(out[b], _reference_blur(x[b], float(sigma[b]), radius), atol=1e-6, rtol=0)
+        ref = TF.gaussian_blur(x[b], [2 * radius + 1] * 2, [float(sigma[b])] * 2)
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=0)
+    assert (out[-1] - x[-1]).abs().max() > 0.1   # sigma 2 does blur
+
+
+def test_blur_is_pils_within_two_grey_levels_away_from_the_border():
+    """The CPU path's ``ImageFilter.GaussianBlur(radius)`` (three box blurs, edge pixels repeated)
+    against the sampled Gaussian over reflect padding: same strength; borders differ more."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    array = np.stack([(xx * 4) % 256, (yy * 3) % 256, ((xx + yy) > 64) * 200 + 20], -1).astype(np.uint8)
+    image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    for sigma in (0.5, 1.0, 2.0):
+        pil = np.asarray(Image.fromarray(array).filter(ImageFilter.GaussianBlur(sigma)))
+        pil = torch.from_numpy(pil.copy()).permute(2, 0, 1)[None].float() / 255
+        ours = G.gaussian_blur(image, torch.tensor([sigma]), 6)
+        gap = (ours - pil).abs() * 255
+        assert gap[..., 8:-8, 8:-8].max() <= 2.0 and gap.mean() < 0.5, sigma
+        assert (ours - image).abs().max() * 255 > 10   # and it really blurs (the edge)
