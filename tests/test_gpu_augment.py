@@ -1,7 +1,13 @@
-"""GPU augmentation (``cgh.gpu_augment``), on CPU: each batched op equals torchvision's per-sample
-functional with the same parameters, and the per-sample order and masks are honoured.
+"""GPU augmentation (``cgh.gpu_augment`` + the workers' half in ``cgh.transforms``), on CPU.
+
+Each batched op equals torchvision's per-sample functional with the same parameters; the per-sample
+order and the p-masks are honoured; the workers draw torchvision's distributions, reproducibly; the
+weak view matches the CPU path's.
 """
 from __future__ import annotations
+
+import math
+import random
 
 import numpy as np
 import pytest
@@ -11,7 +17,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 from cgh import gpu_augment as G
-from cgh.transforms import IMAGENET_MEAN, IMAGENET_STD
+from cgh.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, PhotometricParams,
+                            blur_sigma, teacher_transform)
 
 B = 6
 
@@ -110,3 +117,88 @@ def test_blur_is_pils_within_two_grey_levels_away_from_the_border():
         gap = (ours - pil).abs() * 255
         assert gap[..., 8:-8, 8:-8].max() <= 2.0 and gap.mean() < 0.5, sigma
         assert (ours - image).abs().max() * 255 > 10   # and it really blurs (the edge)
+
+
+# ------------------------------------------------------------------------------- the whole view
+def _params(n: int, jitter=0, gray=0, blur=0, sigma=1.0) -> torch.Tensor:
+    rows = [G.pack_params(jitter, [0, 1, 2, 3], [1.3, 0.7, 1.2, 0.05], gray, blur, sigma) for _ in range(n)]
+    return torch.stack(rows)
+
+
+def test_student_with_every_op_off_is_the_teacher_normalisation():
+    images = (_images() * 255).round().to(torch.uint8)
+    aug = _augment()
+    plain = aug.student(images, _params(B))
+    assert torch.equal(plain, aug.teacher(images))
+    # which equals torchvision's ToTensor + Normalize
+    ref = TF.normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(plain, ref, atol=1e-6, rtol=0)
+
+
+def test_student_applies_grayscale_and_blur_where_their_masks_are_on():
+    images = (_images() * 255).round().to(torch.uint8)
+    x = images.float() / 255
+    aug = _augment()
+    params = _params(B, sigma=1.5)
+    params[::2, G.GRAYSCALE] = 1
+    params[1::2, G.BLUR] = 1
+    out = aug.student(images, params)
+    gray = aug.normalize(TF.rgb_to_grayscale(x, num_output_channels=3))
+    blurred = aug.normalize(G.gaussian_blur(x, torch.full((B,), 1.5), aug.radius))
+    torch.testing.assert_close(out[::2], gray[::2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1::2], blurred[1::2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda():
+    device = torch.device("cuda")
+    aug = G.PhotometricAugment(2.0, IMAGENET_MEAN, IMAGENET_STD, device)
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device=device)
+    params = _params(8, jitter=1, blur=1).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aug.student(images, params)
+        aug.teacher(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------- the workers' half
+def _draw(n: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    draw = PhotometricParams(blur_sigma(224))
+    return torch.stack([draw() for _ in range(n)])
+
+
+def test_parameter_draws_reproduce_and_follow_torchvisions_distributions():
+    n = 3000
+    p = _draw(n, 0)
+    assert torch.equal(p, _draw(n, 0)) and not torch.equal(p, _draw(n, 1))
+    assert p.shape == (n, G.NUM_PARAMS) and p.dtype == torch.float32
+    for column, prob in ((G.JITTER, 0.8), (G.GRAYSCALE, 0.2), (G.BLUR, 0.5)):
+        bound = 5 * math.sqrt(n * prob * (1 - prob))   # loose binomial bound
+        assert abs(p[:, column].sum() - n * prob) < bound, column
+    assert torch.equal(p[:, G.ORDER].sort(1).values, torch.arange(4.0).expand(n, 4))   # permutations
+    assert len({tuple(o) for o in p[:, G.ORDER].tolist()}) == 24                        # all of them
+    factors = p[:, G.FACTORS]
+    assert factors[:, :3].min() >= 0.6 and factors[:, :3].max() <= 1.4
+    assert factors[:, G.HUE].min() >= -0.1 and factors[:, G.HUE].max() <= 0.1
+    assert factors.std(0).min() > 0.05                                                  # really random
+    assert p[:, G.SIGMA].min() >= 0.1 and p[:, G.SIGMA].max() <= 2.0
+
+
+def test_gpu_teacher_view_equals_the_cpu_one_for_the_same_draws():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    cpu = teacher_transform(24)(img)
+    torch.manual_seed(3)
+    gpu = _augment().teacher(teacher_transform(24, gpu_augment=True)(img)[None])[0]
+    torch.testing.assert_close(gpu, cpu, atol=1e-6, rtol=0)
+
+
+def test_multi_crop_small_views_draw_the_main_views_blur_range():
+    multi = MultiCropTransform(size=64, gpu_augment=True)
+    assert {t.params.blur.sigma for t in multi.small} == {blur_sigma(64)}
+    assert multi.main.student.params.blur.sigma == blur_sigma(64)
