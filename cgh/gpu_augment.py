@@ -62,16 +62,14 @@ def _blend(x: torch.Tensor, other, ratio: torch.Tensor) -> torch.Tensor:
     return (ratio * x + (1.0 - ratio) * other).clamp(0, 1)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, 0.0, factor)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), factor)
+def blend_op(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation, chosen per image by ``op``: all three blend the image
+    with a reference (black, the grey mean, the grey image), so one blend serves the batch."""
+    gray = grayscale(x)
+    op = _per_sample(op)
+    reference = torch.where(op == BRIGHTNESS, 0.0,
+                            torch.where(op == CONTRAST, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+    return _blend(x, reference, factor)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,16 +107,19 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor, fact
     """torchvision's ``ColorJitter`` per image: ``order[b]`` lists the op ids in application order,
     ``factors[b]`` holds the four factors by op id, ``apply[b]`` switches the whole jitter.
 
-    Each of the 4 positions runs every op on the whole batch: a blend op gets factor 1 (the
-    identity, exactly) where it is not the image's op at that position, hue is selected by mask.
+    Hue, the costly op, runs once on the batch: first the blend ops each image has before its hue
+    step, position by position, then hue, then the blend ops after it. A blend op that is not the
+    image's at that position gets factor 1, the identity exactly.
     """
-    blends = ((BRIGHTNESS, adjust_brightness), (CONTRAST, adjust_contrast), (SATURATION, adjust_saturation))
-    for position in range(4):
-        chosen = order[:, position]
-        for op, fn in blends:
-            x = fn(x, torch.where(apply & (chosen == op), factors[:, op], 1.0))
-        hue_here = _per_sample(apply & (chosen == HUE))
-        x = torch.where(hue_here, adjust_hue(x, factors[:, HUE]), x)
+    hue_position = (order == HUE).float().argmax(1)
+    for after_hue in (False, True):
+        for position in range(1, 4) if after_hue else range(3):
+            op = order[:, position]
+            mine = (position > hue_position) if after_hue else (position < hue_position)
+            factor = factors.gather(1, op.long().view(-1, 1)).view(-1)
+            x = blend_op(x, op, torch.where(apply & mine, factor, 1.0))
+        if not after_hue:
+            x = torch.where(_per_sample(apply), adjust_hue(x, factors[:, HUE]), x)
     return x
 
 
