@@ -2,7 +2,8 @@
 
 Each batched op equals torchvision's per-sample functional with the same parameters; the per-sample
 order and the p-masks are honoured; the workers draw torchvision's distributions, reproducibly; the
-weak view matches the CPU path's.
+views collate and finish like the CPU path's; and ``data.gpu_augment`` is wired into a run that
+trains and resumes bitwise exactly.
 """
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
+from torch.utils.data import default_collate
 
+from _helpers_trainer import check_sigkill_resume_is_bitwise_identical
 from cgh import gpu_augment as G
-from cgh.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, PhotometricParams,
+from cgh.errors import CghError
+from cgh.train import DataConfig, build_gpu_augment, build_transform, resolve_gpu_augment, views_on_device
+from cgh.transforms import (IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, PhotometricParams, TwoViewTransform,
                             blur_sigma, teacher_transform)
 
 B = 6
@@ -206,3 +211,60 @@ def test_multi_crop_small_views_draw_the_main_views_blur_range():
     multi = MultiCropTransform(size=64, gpu_augment=True)
     assert {t.params.blur.sigma for t in multi.small} == {blur_sigma(64)}
     assert multi.main.student.params.blur.sigma == blur_sigma(64)
+
+
+# ------------------------------------------------------------------------------- worker -> collate -> device
+@pytest.mark.parametrize("multi_crop", [False, True])
+def test_gpu_path_batches_look_like_the_cpu_paths(multi_crop):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 80, 3), dtype=np.uint8))
+    cfg = DataConfig(root="", image_size=32, multi_crop=multi_crop)
+    torch.manual_seed(0)
+    cpu_students, cpu_teacher = default_collate([build_transform(cfg)(img) for _ in range(4)])
+    shipped = default_collate([build_transform(cfg, gpu_augment=True)(img) for _ in range(4)])
+    assert all(images.dtype == torch.uint8 and params.shape == (4, G.NUM_PARAMS) for images, params in shipped[0])
+    assert shipped[1].dtype == torch.uint8
+    students, teacher = views_on_device(*shipped, torch.device("cpu"), build_gpu_augment(cfg, torch.device("cpu")))
+    assert [s.shape for s in students] == [s.shape for s in cpu_students] and teacher.shape == cpu_teacher.shape
+    lo = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+    for view in students + [teacher]:
+        assert view.dtype == torch.float32
+        assert bool(((view >= lo - 1e-5) & (view <= hi + 1e-5)).all())
+
+
+# ------------------------------------------------------------------------------- the setting
+def test_gpu_augment_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not resolve_gpu_augment(DataConfig(root=""), cpu) and resolve_gpu_augment(DataConfig(root=""), cuda)
+    assert resolve_gpu_augment(DataConfig(root="", gpu_augment="True"), cpu)   # a YAML/CLI boolean
+    assert not resolve_gpu_augment(DataConfig(root="", gpu_augment="false"), cuda)
+    with pytest.raises(CghError, match=r"data.gpu_augment 'gpu'.*auto, true or false"):
+        resolve_gpu_augment(DataConfig(root="", gpu_augment="gpu"), cpu)
+
+
+def test_gpu_augment_false_keeps_the_cpu_transform():
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    transform = build_transform(DataConfig(root="", image_size=32, gpu_augment="false"))
+    assert type(transform) is TwoViewTransform
+    torch.manual_seed(5)
+    random.seed(5)
+    (built,), built_teacher = transform(img)
+    torch.manual_seed(5)
+    random.seed(5)
+    (direct,), direct_teacher = TwoViewTransform(32, (0.2, 1.0))(img)
+    assert torch.equal(built, direct) and torch.equal(built_teacher, direct_teacher)
+
+
+def test_invalid_gpu_augment_stops_a_run_before_it_starts(tmp_path):
+    from cgh.train import load_pretrain_config, pretrain
+
+    cfg = load_pretrain_config("pretrain/demo_synth", [f"data.root={tmp_path}", f"output_dir={tmp_path / 'o'}",
+                                                       "data.gpu_augment=sometimes"])
+    with pytest.raises(CghError, match="data.gpu_augment 'sometimes'"):
+        pretrain(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_with_gpu_augment_on_cpu_trains_and_resumes_exactly(tmp_path):
+    rows = check_sigkill_resume_is_bitwise_identical(tmp_path, "data.gpu_augment=true")
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
