@@ -9,9 +9,9 @@ seeded as before, so the augmentation stream and exact resume are unaffected. No
 random and nothing waits for the host: per-sample choices are masks and ``torch.where``.
 
 Each op is torchvision's tensor functional (``adjust_*``, ``rgb_to_grayscale``, ``gaussian_blur``)
-applied per sample. The CPU pipeline works on PIL images, which differs by about a grey level:
-it rounds to 8 bits after every op, PIL's grayscale weighs red 0.299 (torchvision's tensor op
-0.2989, used here), and PIL's ``GaussianBlur(radius)`` approximates a Gaussian of standard
+applied per sample. The CPU pipeline works on PIL images and differs slightly (measured for the
+blur only): it rounds to 8 bits after every op, PIL's grayscale weighs red 0.299 (torchvision's
+tensor op 0.2989, used here), and PIL's ``GaussianBlur(radius)`` approximates a Gaussian of standard
 deviation ``radius`` with three box blurs and repeats the edge pixels at the border, where this is
 a sampled Gaussian truncated at 3 sigma of the range's largest sigma, over reflect padding: the
 same blur strength, within 2 grey levels away from the border (tests/test_gpu_augment.py).
