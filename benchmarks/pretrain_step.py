@@ -4,7 +4,9 @@ Both steps use the same backbone, batch, resolution, precision (bf16 autocast + 
 GPU) and SGD; inputs are pre-made tensors on the device so only the step is timed. The CGH step is
 ``cgh.train.train_step`` itself (teacher EMA, teacher forward, student forward/backward of both
 branches, queues, loss). The loader benchmark runs the real two-view augmentation through a
-DataLoader and reports images/s, to compare with the step's images/s.
+DataLoader and reports images/s, to compare with the step's images/s: once with the full CPU
+augmentation, once with the GPU path's CPU part (crop + flip, parameters drawn); the GPU path's
+device part (``cgh.gpu_augment`` on one collated batch) is timed on the device.
 
     python benchmarks/pretrain_step.py                       # CPU, small settings
     python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch-size 256 \
@@ -118,17 +120,27 @@ class RandomImages(Dataset):
         return Image.fromarray(arr), 0
 
 
-def loader_images_per_s(args) -> float:
+def _data_config(args):
+    from cgh.train import DataConfig
+
+    return DataConfig(root="", image_size=args.image_size, multi_crop=args.multi_crop)
+
+
+def two_view_dataset(args, gpu_augment: bool):
     from cgh.data.pretrain_dataset import PretrainDataset
-    from cgh.train import build_transform, DataConfig
+    from cgh.train import build_transform
 
     if args.data_root:
         from cgh.data.datasets import build_classification_dataset
         base = build_classification_dataset(args.dataset, args.data_root, "train", None)
     else:
         base = RandomImages(args.batch_size * (args.loader_batches + 2), int(args.image_size * 1.15))
-    ds = PretrainDataset(base, build_transform(DataConfig(root="", image_size=args.image_size,
-                                                          multi_crop=args.multi_crop)))
+    return PretrainDataset(base, build_transform(_data_config(args), gpu_augment))
+
+
+def loader_images_per_s(args, gpu_augment: bool = False) -> float:
+    """Images/s of the workers: full CPU augmentation, or the GPU path's CPU part."""
+    ds = two_view_dataset(args, gpu_augment)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=args.workers > 0)
     it = iter(loader)
@@ -138,6 +150,21 @@ def loader_images_per_s(args) -> float:
         batch = next(it)
         n += batch[1].shape[0]
     return n / (time.perf_counter() - t0)
+
+
+def gpu_augment_seconds(args, device: torch.device) -> float:
+    """Median time of the GPU path's device part for one batch (student view(s) + teacher)."""
+    from torch.utils.data import default_collate
+
+    from cgh.train import build_gpu_augment, views_on_device
+
+    ds = two_view_dataset(args, gpu_augment=True)
+    students, teacher = default_collate([ds[i][0] for i in range(args.batch_size)])
+    students = [(images.to(device), params.to(device)) for images, params in students]   # as they arrive
+    teacher = teacher.to(device)
+    augment = build_gpu_augment(_data_config(args), device)
+    return _median_time(lambda: views_on_device(students, teacher, device, augment), args.steps, args.warmup,
+                        device)
 
 
 def main() -> None:
@@ -194,7 +221,16 @@ def main() -> None:
     if not args.skip_loader:
         rate = loader_images_per_s(args)
         verdict = "keeps up with" if rate >= b / cgh else "STARVES"
-        print(f"two-view loader: {rate:.1f} img/s with {args.workers} workers -> {verdict} the CGH step")
+        print(f"two-view loader, CPU augmentation: {rate:.1f} img/s with {args.workers} workers -> {verdict} "
+              f"the CGH step")
+        aug = gpu_augment_seconds(args, device)
+        step = cgh + aug   # the step with the device part of the augmentation in front of it
+        rate = loader_images_per_s(args, gpu_augment=True)
+        verdict = "keeps up with" if rate >= b / step else "STARVES"
+        print(f"two-view loader, GPU augmentation's CPU part: {rate:.1f} img/s with {args.workers} workers -> "
+              f"{verdict} the CGH step + device augmentation ({b / step:.1f} img/s)")
+        print(f"GPU augmentation's device part on {device}: {aug * 1000:.2f} ms median per batch of {b} at "
+              f"{args.image_size} px ({100 * aug / cgh:.1f}% of the CGH step)")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class DataConfig:
     multi_crop: bool = False                   # authors' multi-crop: 4 extra small student crops
     num_workers: int = 8                       # per process
     strict_images: bool = False                # corrupt image: false = skip and count, true = fatal
+    gpu_augment: str = "auto"                  # student photometric aug on the device: auto (= on CUDA) | true | false
 
 
 @dataclass
@@ -227,14 +228,31 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         raise CghError(f"optim.epochs must be >= 1 (got {cfg.optim.epochs})")
 
 
-def build_transform(cfg: DataConfig):
+def resolve_gpu_augment(cfg: DataConfig, device: torch.device) -> bool:
+    """Whether the photometric augmentation runs on the device: ``auto`` turns it on with CUDA,
+    where the workers' PIL pipeline cannot keep up with the step."""
+    value = str(cfg.gpu_augment).lower()   # a YAML/CLI boolean arrives as "True" / "False"
+    if value not in ("auto", "true", "false"):
+        raise CghError(f"data.gpu_augment '{cfg.gpu_augment}' unknown; expected auto, true or false")
+    return value == "true" or (value == "auto" and device.type == "cuda")
+
+
+def build_transform(cfg: DataConfig, gpu_augment: bool = False):
     from cgh.transforms import MultiCropTransform, TwoViewTransform
 
     cls = MultiCropTransform if cfg.multi_crop else TwoViewTransform
-    return cls(cfg.image_size, tuple(cfg.crop_scale))
+    return cls(cfg.image_size, tuple(cfg.crop_scale), gpu_augment=gpu_augment)
 
 
-def build_dataset(cfg: PretrainConfig):
+def build_gpu_augment(cfg: DataConfig, device: torch.device):
+    """The device half of ``build_transform(cfg, gpu_augment=True)``."""
+    from cgh.gpu_augment import PhotometricAugment
+    from cgh.transforms import IMAGENET_MEAN, IMAGENET_STD, blur_sigma
+
+    return PhotometricAugment(blur_sigma(cfg.image_size)[1], IMAGENET_MEAN, IMAGENET_STD, device)
+
+
+def build_dataset(cfg: PretrainConfig, gpu_augment: bool = False):
     from cgh.data.datasets import build_classification_dataset
     from cgh.data.pretrain_dataset import PretrainDataset
 
@@ -242,7 +260,7 @@ def build_dataset(cfg: PretrainConfig):
     if len(base) < cfg.optim.batch_size:
         raise CghError(f"{cfg.data.dataset} split '{cfg.data.split}' at {cfg.data.root} has {len(base)} images, "
                        f"fewer than one global batch ({cfg.optim.batch_size})")
-    return PretrainDataset(base, build_transform(cfg.data), strict_images=cfg.data.strict_images)
+    return PretrainDataset(base, build_transform(cfg.data, gpu_augment), strict_images=cfg.data.strict_images)
 
 
 def train_config_summary(cfg: PretrainConfig) -> dict:
@@ -295,19 +313,31 @@ def autocast(device: torch.device, precision: str):
                           enabled=device.type == "cuda" and dtype is not None)
 
 
+def views_on_device(student_views, teacher_view, device: torch.device, augment=None):
+    """A batch's views on the device, ready for the model; with ``augment`` (a
+    ``PhotometricAugment``) they arrive as uint8 images (+ parameters) and are finished there."""
+    if augment is None:
+        return [v.to(device, non_blocking=True) for v in student_views], teacher_view.to(device, non_blocking=True)
+    students = [augment.student(images.to(device, non_blocking=True), params.to(device, non_blocking=True))
+                for images, params in student_views]
+    return students, augment.teacher(teacher_view.to(device, non_blocking=True))
+
+
 def train_step(model, core, batch, optimizer, scaler, cfg: PretrainConfig, step: int, total_steps: int,
-               steps_per_epoch: int, device: torch.device, peak_lr: float) -> tuple[dict, dict]:
+               steps_per_epoch: int, device: torch.device, peak_lr: float, augment=None) -> tuple[dict, dict]:
     """One optimisation step; returns (loss dict, model outputs). No host synchronisation.
 
     ``model`` is what runs the forward pass (DDP wrapper or the model itself), ``core`` the
     underlying ``CGHModel`` (teacher update). The teacher is updated before its forward pass.
+    ``augment``: the ``PhotometricAugment`` that finishes the views when ``data.gpu_augment`` is on.
     """
     from cgh.losses import cgh_loss
 
     (student_views, teacher_view), labels, indices = batch[0], batch[1], batch[2]
     mf = torch.channels_last if device.type == "cuda" and cfg.run.channels_last else torch.contiguous_format
-    student_views = [v.to(device, non_blocking=True).contiguous(memory_format=mf) for v in student_views]
-    teacher_view = teacher_view.to(device, non_blocking=True).contiguous(memory_format=mf)
+    student_views, teacher_view = views_on_device(student_views, teacher_view, device, augment)
+    student_views = [v.contiguous(memory_format=mf) for v in student_views]
+    teacher_view = teacher_view.contiguous(memory_format=mf)
     labels = labels.to(device, non_blocking=True)
     indices = indices.to(device, non_blocking=True)
 
@@ -369,6 +399,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, timer: RunTimer) -> Path:
     check_config(cfg, world)
+    gpu_augment = resolve_gpu_augment(cfg.data, device)
     out_dir = Path(cfg.output_dir)
     main = rank == 0
     if main:
@@ -379,7 +410,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, 
     setup_determinism(cfg, 0)   # identical initial weights and queues on every process
     core = build_model(cfg, world, device)
     setup_determinism(cfg, rank)  # then a different augmentation stream per process
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, gpu_augment)
+    augment = build_gpu_augment(cfg.data, device) if gpu_augment else None
     monitor = KnnMonitor(cfg, device) if cfg.monitor.knn_every > 0 else None
 
     model = wrap_ddp(core, world, device)
@@ -427,7 +459,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, 
             # worker augmentation seeds follow (seed, epoch, rank), not the state of the main RNG
             loader.generator.manual_seed(cfg.run.seed * 100003 + epoch * world + rank)
             row = _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_epoch, total_steps,
-                               device, peak_lr, thresholds, logger, last_ckpt)
+                               device, peak_lr, thresholds, logger, last_ckpt, augment)
             skipped_total += int(row["skipped_images"])
             row["skipped_images_total"] = skipped_total
             last = epoch + 1 == cfg.optim.epochs
@@ -454,7 +486,7 @@ def _fmt(v) -> str:
 
 
 def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_epoch, total_steps, device,
-                 peak_lr, thresholds, logger, last_ckpt) -> dict:
+                 peak_lr, thresholds, logger, last_ckpt, augment) -> dict:
     """One epoch; loss terms are summed on the device and read at ``log_every`` steps and at the end."""
     from eval.metrics import effective_rank
     from eval.positive_selection import precision_recall, selection_counts, teacher_distribution
@@ -471,7 +503,7 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
     for i, batch in enumerate(loader):
         step = epoch * steps_per_epoch + i
         loss, out = train_step(model, core, batch, optimizer, scaler, cfg, step, total_steps, steps_per_epoch,
-                               device, peak_lr)
+                               device, peak_lr, augment)
         bad |= ~torch.isfinite(loss["total"].detach())
         for k, v in loss.items():
             if isinstance(v, torch.Tensor):

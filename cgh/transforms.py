@@ -8,15 +8,21 @@ kernel at 10% of the image): a radius of 2 px would wipe out a 32 px image, and 
 codebases (MoCo's CIFAR demo, solo-learn's CIFAR configs) drop the blur for that reason.
 Every transform returns ``(student views list, teacher view)``; the default collate turns a batch
 of those into ``(list of [B, 3, h, w] tensors, [B, 3, H, W])``, what ``CGHModel`` takes.
+With ``gpu_augment=True`` the workers do only the geometry (crop, flip) and draw the photometric
+parameters, which ``cgh.gpu_augment`` applies to the batch on the device: each student view is
+then a ``(uint8 [3, h, w] image, float32 params)`` pair and the teacher view a uint8 image, so a
+batch collates to ``([(uint8 [B, 3, h, w], [B, NUM_PARAMS]), ...], uint8 [B, 3, H, W])``.
 """
 from __future__ import annotations
 
 import random
 
+import torch
 from PIL import ImageFilter
 from torchvision import transforms as T
 
 from cgh.errors import CghError
+from cgh.gpu_augment import pack_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +34,8 @@ MULTI_CROP_MIN_SCALES = (0.172, 0.143, 0.114, 0.086)
 MULTI_CROP_MAX_SCALES = (0.86, 0.715, 0.571, 0.429)
 BLUR_SIGMA = (0.1, 2.0)     # MoCo v2 / SimCLR blur radius range for a 224 px view
 BLUR_REFERENCE_SIZE = 224
+COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)   # MoCo v2: brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, BLUR_P = 0.8, 0.2, 0.5
 
 
 def blur_sigma(size: int) -> tuple[float, float]:
@@ -42,29 +50,73 @@ class GaussianBlur:
     def __init__(self, sigma=BLUR_SIGMA):
         self.sigma = sigma
 
+    def radius(self) -> float:
+        return random.uniform(*self.sigma)
+
     def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+        return img.filter(ImageFilter.GaussianBlur(radius=self.radius()))
+
+
+def _geometry(size, scale):
+    return [T.RandomResizedCrop(size, scale=tuple(scale)), T.RandomHorizontalFlip()]
 
 
 def _finish(mean, std):
     return [T.ToTensor(), T.Normalize(mean, std)]
 
 
-def teacher_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Weak view: random resized crop + horizontal flip."""
-    return T.Compose([T.RandomResizedCrop(size, scale=tuple(scale)), T.RandomHorizontalFlip(),
-                      *_finish(mean, std)])
+class PhotometricParams:
+    """Draws a strong view's photometric parameters in the worker, with the distributions of the
+    CPU pipeline (torchvision's ``ColorJitter.get_params``, the same probabilities, the blur radius
+    from python ``random``), packed for ``cgh.gpu_augment``. Every draw is made whether or not its
+    op is applied, so each view consumes the same amount of randomness."""
+
+    def __init__(self, sigma=BLUR_SIGMA):
+        self.jitter = T.ColorJitter(*COLOR_JITTER)
+        self.blur = GaussianBlur(sigma)
+
+    def __call__(self) -> torch.Tensor:
+        j = self.jitter
+        apply_jitter = torch.rand(()) < JITTER_P
+        order, *factors = j.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+        apply_grayscale = torch.rand(()) < GRAYSCALE_P
+        apply_blur = torch.rand(()) < BLUR_P
+        return pack_params(apply_jitter, order.tolist(), factors, apply_grayscale, apply_blur, self.blur.radius())
+
+
+class GpuStudentView:
+    """The worker's half of a strong view on the GPU path: ``img -> (uint8 crop, params)``."""
+
+    def __init__(self, size: int, scale, sigma):
+        self.geometry = T.Compose([*_geometry(size, scale), T.PILToTensor()])
+        self.params = PhotometricParams(sigma)
+
+    def __call__(self, img):
+        return self.geometry(img), self.params()
+
+
+def teacher_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      gpu_augment: bool = False):
+    """Weak view: random resized crop + horizontal flip (``gpu_augment``: as uint8, normalised on the
+    device)."""
+    return T.Compose([*_geometry(size, scale), *([T.PILToTensor()] if gpu_augment else _finish(mean, std))])
 
 
 def student_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      sigma=None):
+                      sigma=None, gpu_augment: bool = False):
     """Strong MoCo-v2 view: crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5), flip.
-    ``sigma``: blur radius range; default ``blur_sigma(size)`` ((0.1, 2.0) at 224 px)."""
+    ``sigma``: blur radius range; default ``blur_sigma(size)`` ((0.1, 2.0) at 224 px).
+    ``gpu_augment``: crop + flip only, with the photometric parameters (``GpuStudentView``); the
+    flip moves before the photometric ops, which commute with it (colour ops; a symmetric
+    blur with reflect padding)."""
+    sigma = blur_sigma(size) if sigma is None else sigma
+    if gpu_augment:
+        return GpuStudentView(size, scale, sigma)
     return T.Compose([
         T.RandomResizedCrop(size, scale=tuple(scale)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur(blur_sigma(size) if sigma is None else sigma)], p=0.5),
+        T.RandomApply([T.ColorJitter(*COLOR_JITTER)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAYSCALE_P),
+        T.RandomApply([GaussianBlur(sigma)], p=BLUR_P),
         T.RandomHorizontalFlip(),
         *_finish(mean, std),
     ])
@@ -73,9 +125,10 @@ def student_transform(size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std
 class TwoViewTransform:
     """``img -> ([strong view], weak view)``: one student view and the teacher's view."""
 
-    def __init__(self, size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.student = student_transform(size, scale, mean, std)
-        self.teacher = teacher_transform(size, scale, mean, std)
+    def __init__(self, size: int = 224, scale=(0.2, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 gpu_augment: bool = False):
+        self.student = student_transform(size, scale, mean, std, gpu_augment=gpu_augment)
+        self.teacher = teacher_transform(size, scale, mean, std, gpu_augment=gpu_augment)
 
     def __call__(self, img):
         return [self.student(img)], self.teacher(img)
@@ -91,14 +144,14 @@ class MultiCropTransform:
 
     def __init__(self, size: int = 224, scale=(0.2, 1.0), crop_sizes=None,
                  min_scales=MULTI_CROP_MIN_SCALES, max_scales=MULTI_CROP_MAX_SCALES,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, gpu_augment: bool = False):
         if crop_sizes is None:
             crop_sizes = [max(8, round(s * size / 224)) for s in MULTI_CROP_SIZES]
         if not len(crop_sizes) == len(min_scales) == len(max_scales):
             raise CghError(f"multi-crop needs one min and max scale per crop size (got "
                            f"{len(crop_sizes)} sizes, {len(min_scales)} min, {len(max_scales)} max)")
-        self.main = TwoViewTransform(size, scale, mean, std)
-        self.small = [student_transform(s, (lo, hi), mean, std, sigma=blur_sigma(size))
+        self.main = TwoViewTransform(size, scale, mean, std, gpu_augment)
+        self.small = [student_transform(s, (lo, hi), mean, std, sigma=blur_sigma(size), gpu_augment=gpu_augment)
                       for s, lo, hi in zip(crop_sizes, min_scales, max_scales)]
 
     def __call__(self, img):
