@@ -90,3 +90,34 @@ def test_seg_wrong_depth_and_missing_data_fail_before_training(random_ckpt, synt
             f"checkpoint={random_ckpt}", f"data_root={synth_root / 'VOCdevkit' / 'VOC2007'}",
             f"output_dir={tmp_path / 'b'}"]))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _Crafted:
+    """Pickles as ``getattr(target, name)``: what a crafted checkpoint would use to reach attributes."""
+
+    def __init__(self, target, name):
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
+
+
+def test_own_mmengine_checkpoints_load_but_other_getattr_is_refused(tmp_path):
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    buffer = HistoryBuffer()
+    for v in (1.0, np.float64(2.0), 4.5):
+        buffer.update(v)
+    torch.save({"message_hub": {"log_scalars": {"loss": buffer}, "runtime_info": {"x": np.float32(1.5)}},
+                "state_dict": {"w": torch.ones(2)}}, tmp_path / "own.pth")
+    with pytest.raises(Exception, match="getattr|Unsupported global"):   # needs the allow-list at all
+        torch.load(tmp_path / "own.pth", weights_only=True)
+    with seg._own_checkpoints_loadable():
+        loaded = torch.load(tmp_path / "own.pth", weights_only=True)
+    hub = loaded["message_hub"]["log_scalars"]["loss"]
+    assert hub.mean() == pytest.approx(7.5 / 3) and hub.max() == 4.5 and hub.statistics("current") == 4.5
+
+    for target, name in ((HistoryBuffer, "__init__"), (np.ndarray, "__subclasses__"), (np.dtype, "__class__")):
+        torch.save({"x": _Crafted(target, name)}, tmp_path / "crafted.pth")
+        with seg._own_checkpoints_loadable(), pytest.raises(Exception, match="refused"):
+            torch.load(tmp_path / "crafted.pth", weights_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,11 +197,27 @@ def check_data(c) -> None:
         raise DatasetError("segmentation data missing: expected " + ", ".join(dict.fromkeys(missing)))
 
 
+MMENGINE_STATISTICS = ("min", "max", "current", "mean")   # HistoryBuffer's default statistics methods
+
+
+def _history_buffer_statistic(obj, name: str):
+    """The one ``getattr`` in mmengine's checkpoints: a ``HistoryBuffer`` statistics method (its log
+    buffers keep them in a dict). Allow-listed in place of ``builtins.getattr``, which would let a
+    crafted checkpoint reach any attribute of any object it can name; everything else is refused."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if obj is HistoryBuffer and (name in MMENGINE_STATISTICS or name in HistoryBuffer._statistics_methods):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"refused: the checkpoint asks for getattr({obj!r}, {name!r}); only "
+                                 f"mmengine HistoryBuffer statistics methods may be looked up")
+
+
 def _own_checkpoints_loadable():
     """Let ``torch.load(weights_only=True)`` read the resume checkpoints this run itself wrote.
 
     mmengine stores its log history (``HistoryBuffer`` of numpy arrays) in every checkpoint; these
-    types are allow-listed by name, so loading still runs no arbitrary code.
+    types are allow-listed by name, and ``getattr`` only as ``_history_buffer_statistic``, so
+    loading still runs no arbitrary code.
     """
     import numpy as np
     import torch
@@ -208,7 +225,8 @@ def _own_checkpoints_loadable():
 
     return torch.serialization.safe_globals([
         HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct,
-        getattr] + [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")])
+        (_history_buffer_statistic, "builtins.getattr")] + [type(np.dtype(t)) for t in ("float64", "float32",
+                                                                                         "int64", "int32")])
 
 
 def _free_port() -> int:
