@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from _helpers_trainer import tiny_overrides, tiny_synth
 from cgh.checkpointing import load_checkpoint
@@ -115,3 +116,38 @@ def test_strict_images_is_fatal_in_a_run(tmp_path, synth):
     with pytest.raises(DatasetError, match="strict_images"):
         pretrain(_cfg(root, tmp_path / "o", "data.strict_images=true", "optim.epochs=1",
                       "monitor.knn_every=0"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("teacher_bn", ["split", "plain"])
+def test_train_step_has_no_host_sync_on_cuda(teacher_bn):
+    """The whole step (GPU augmentation, teacher EMA + forward, student, loss, queues, SGD) runs
+    with CUDA's sync-debug mode set to "error": any host-device synchronisation raises."""
+    from cgh.train import build_gpu_augment, build_model, param_groups, train_step
+    from cgh.transforms import PhotometricParams, blur_sigma
+
+    device = torch.device("cuda")
+    cfg = load_pretrain_config(None, ["output_dir=unused", "data.root=unused", "model.arch=resnet18",
+                                      "model.queue_size=256", "optim.batch_size=32", "data.image_size=32",
+                                      f"model.teacher_bn={teacher_bn}", "model.bn_splits=4",
+                                      "model.hidden_dim=64", "model.dim=32"])
+    model = build_model(cfg, 1, device)
+    opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    augment = build_gpu_augment(cfg.data, device)
+    b, s = 32, 32
+    draw = PhotometricParams(blur_sigma(s))
+    params = torch.stack([draw() for _ in range(b)])
+    images = [torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8) for _ in range(2)]
+    batch = (([(images[0].pin_memory(), params.pin_memory())], images[1].pin_memory()),   # as the loader pins
+             torch.randint(0, 10, (b,)).pin_memory(), torch.arange(b).pin_memory())
+    for step in range(2):   # lazy initialisation and cuDNN autotuning may synchronise
+        train_step(model, model, batch, opt, scaler, cfg, step, 100, 10, device, 0.05, augment)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 4):
+            loss, _ = train_step(model, model, batch, opt, scaler, cfg, step, 100, 10, device, 0.05, augment)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss["total"]).item()
