@@ -42,8 +42,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c = x.shape[:2]
-        g = self.num_splits
+        n, g = x.shape[0], self.num_splits
         if n % g:
             raise CghError(f"split BatchNorm needs the per-device batch ({n}) to be divisible by "
                            f"bn_splits ({g})")

@@ -109,7 +109,7 @@ class RunConfig:
     device: str = "auto"                       # auto | cpu | cuda
     precision: str = "bf16"                    # bf16 | fp16 | fp32; GPU only, CPU always computes in fp32
     channels_last: bool = True                 # GPU only
-    compile: bool = False                      # torch.compile the model (H100 plain BN: 1.3x faster; fails on split-BN, torch 2.11)
+    compile: bool = False                      # torch.compile (H100 plain BN: 1.3x; torch 2.11 fails on split-BN)
     seed: int = 0
     deterministic: bool = False                # deterministic algorithms (exact resume on CPU holds either way)
     checkpoint_every: int = 10                 # epochs; the last epoch is always saved

@@ -223,10 +223,10 @@ def _own_checkpoints_loadable():
     import torch
     from mmengine.logging.history_buffer import HistoryBuffer
 
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
     return torch.serialization.safe_globals([
         HistoryBuffer, np.ndarray, np.dtype, np._core.multiarray.scalar, np._core.multiarray._reconstruct,
-        (_history_buffer_statistic, "builtins.getattr")] + [type(np.dtype(t)) for t in ("float64", "float32",
-                                                                                         "int64", "int32")])
+        (_history_buffer_statistic, "builtins.getattr"), *dtypes])
 
 
 def _free_port() -> int:
