@@ -26,7 +26,11 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
-    """A ResNet-18 briefly CGH-pretrained on synthshapes with the demo config (canonical file)."""
+    """A ResNet-18 briefly CGH-pretrained on synthshapes with the demo config (canonical file).
+
+    Always on 2 threads: the float32 reductions, hence the (chaotic) training trajectory, depend
+    on the thread count, and tests/test_learning_signal.py states what this very run measures.
+    """
     from cgh.config import load_config
     from cgh.train import PretrainConfig, pretrain
 
@@ -34,7 +38,12 @@ def pretrained_ckpt(synth_root, tmp_path_factory) -> Path:
     cfg = load_config(PretrainConfig, "pretrain/demo_synth.yaml",
                       [f"data.root={synth_root}", f"output_dir={out}", "run.progress=false",
                        "run.tensorboard=false"])
-    return pretrain(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

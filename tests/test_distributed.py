@@ -73,7 +73,11 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     single, double = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    _run(0, 1, 0, single)
+    threads = torch.get_num_threads()
+    try:
+        _run(0, 1, 0, single)          # in this process: _run sets one thread, restored below
+    finally:
+        torch.set_num_threads(threads)
     mp.spawn(_run, args=(2, _free_port(), double), nprocs=2, join=True)
     a = torch.load(single, weights_only=True)
     b = torch.load(double, weights_only=True)
