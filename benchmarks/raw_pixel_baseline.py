@@ -2,7 +2,7 @@
 
 Fits scikit-learn's LogisticRegression and cosine kNN on flattened, standardised raw pixels of the
 synthshapes classification train split and reports top-1 on val. A low number here is what makes
-the synthetic benchmark a test of invariant features rather than of memorised colours. With
+the synthetic benchmark a test of invariant features rather than of memorised pixels. With
 ``--cnn-epochs N`` it also trains a small supervised CNN (flip, 90-degree rotation and colour-channel
 permutation augmentation) as evidence that the labels are learnable from the pixels.
 

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-classes", type=int, default=10, help=f"shape classes (2..{len(CLASSIFICATION_SHAPES)})")
     s.add_argument("--train-per-class", type=int, default=60)
-    s.add_argument("--val-per-class", type=int, default=20)
+    s.add_argument("--val-per-class", type=int, default=100)
     s.add_argument("--image-size", type=int, default=64, help="classification image size in pixels")
     s.add_argument("--det-classes", type=int, default=5, help=f"detection categories (1..{len(DETECTION_SHAPES)})")
     s.add_argument("--det-train", type=int, default=40, help="VOC2007 trainval scenes")

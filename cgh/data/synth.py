@@ -5,9 +5,11 @@ semantic segmentation) must run end to end on a CPU without downloads, through t
 the real data. So the generator writes an ImageFolder tree, a VOC devkit (2007 + 2012, with
 SegmentationClass and SegmentationClassAug) and COCO 2017 JSON, not a private format.
 
-The classification label is the shape only. Colour, size, position, rotation, aspect, background
-texture and clutter are random per image, so raw pixels classify poorly while features invariant
-to those nuisances classify well (``benchmarks/raw_pixel_baseline.py`` measures the gap).
+The classification label is the shape only. Classification images are grey (a dark shape on a light
+field; see ``_grey_background`` for why); grey levels, size, position, rotation, aspect, shading and
+clutter are random per image, so raw pixels classify poorly while features invariant to those
+nuisances classify well (``benchmarks/raw_pixel_baseline.py`` measures the gap). Detection and
+segmentation scenes stay in colour.
 
 Determinism: each image draws from its own ``numpy`` Generator seeded by (seed, set, class, index),
 so a file's bytes depend only on the seed and its own position, never on generation order.
@@ -70,38 +72,30 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return bg
 
 
-def _calm_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Classification background: a smooth low-contrast colour field, sometimes faint stripes, mild noise.
+def _grey_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Classification background: one light grey level with mild pixel noise. (H, W, 3) float.
 
-    Why calm: for instance discrimination a busy, unique-per-image texture is a shortcut shared by
-    both views (and a random crop often misses the shape), so self-supervised features learn the
-    background instead of the shape. Colour, gradient, texture and noise still vary per image.
+    Why grey: a colour drawn per image survives MoCo v2's colour jitter (hue +-0.1) in both views,
+    so instance discrimination learns colour first and its features collapse onto the few colour
+    directions (measured: rank ~4 queues, kNN below random init). Grey images leave the shape,
+    with its size, position and rotation, as what tells one image from another.
     """
-    g = int(rng.integers(2, 5))
-    field = np.asarray(Image.fromarray(rng.integers(0, 256, (g, g, 3), dtype=np.uint8))
-                       .resize((size, size), Image.BICUBIC), dtype=np.float32)
-    base = rng.uniform(40, 215, 3).astype(np.float32)
-    bg = base + rng.uniform(0.15, 0.45) * (field - field.mean((0, 1)))
-    if rng.random() < 0.35:
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.03, 0.12), rng.uniform(0, 2 * np.pi)
-        bg += rng.uniform(4, 12) * np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta))
-                                          + phase)[..., None]
-    return bg + rng.normal(0, rng.uniform(2, 6), bg.shape)
+    return np.full((size, size, 3), rng.uniform(170, 240), np.float32) + rng.normal(0, 4, (size, size, 3))
 
 
-def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, 3))
+def _random_colour(rng: np.random.Generator, grey: bool = False) -> tuple[int, int, int]:
+    return (int(rng.integers(0, 256)),) * 3 if grey else tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _clutter(rng: np.random.Generator, img: Image.Image, count: int, max_len: float, max_width: int = 2) -> None:
-    """Distractors drawn in place: short lines, dots and arcs in random colours."""
+def _clutter(rng: np.random.Generator, img: Image.Image, count: int, max_len: float, max_width: int = 2,
+             grey: bool = False) -> None:
+    """Distractors drawn in place: short lines, dots and arcs in random colours (or grey levels)."""
     draw = ImageDraw.Draw(img)
     w, h = img.size
     for _ in range(count):
         kind = rng.integers(3)
         x, y = rng.uniform(0, w), rng.uniform(0, h)
-        colour = _random_colour(rng)
+        colour = _random_colour(rng, grey)
         if kind == 0:
             a, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 1.0) * max_len
             draw.line([x, y, x + length * np.cos(a), y + length * np.sin(a)], fill=colour,
@@ -137,10 +131,10 @@ def _to_uint8(a: np.ndarray) -> Image.Image:
 
 
 def classification_image(seed: int, class_index: int, index: int, shape: str, size: int) -> Image.Image:
-    """One image whose only label-bearing content is ``shape``."""
+    """One grey image whose only label-bearing content is ``shape`` (a dark shape on a light field)."""
     rng = np.random.default_rng([seed, _CLS, class_index, index])
-    bg_img = _to_uint8(_calm_background(rng, size))
-    _clutter(rng, bg_img, int(rng.integers(1, 5)), max_len=size * 0.4, max_width=1)
+    bg_img = _to_uint8(_grey_background(rng, size))
+    _clutter(rng, bg_img, int(rng.integers(1, 5)), max_len=size * 0.4, max_width=1, grey=True)
     bg = np.asarray(bg_img, dtype=np.float32)
 
     radius = rng.uniform(0.25, 0.42) * size
@@ -150,9 +144,9 @@ def classification_image(seed: int, class_index: int, index: int, shape: str, si
     polys = place(shape, (cx * ss, cy * ss), radius * ss, angle, aspect)
     alpha = rasterize(polys, size * ss, size * ss).reshape(size, ss, size, ss).mean((1, 3))
     alpha = alpha[..., None].astype(np.float32)
-    colour = _contrasting_colour(rng, bg[alpha[..., 0] > 0.5].mean(0) if alpha.max() > 0.5 else bg.mean((0, 1)))
-    img = _to_uint8(bg * (1 - alpha) + _fill(rng, colour, size) * alpha)
-    _clutter(rng, img, int(rng.integers(0, 2)), max_len=size * 0.25, max_width=1)   # a little occlusion
+    grey = np.full(3, rng.uniform(10, 80), np.float32)
+    img = _to_uint8(bg * (1 - alpha) + _fill(rng, grey, size) * alpha)
+    _clutter(rng, img, int(rng.integers(0, 2)), max_len=size * 0.25, max_width=1, grey=True)   # a little occlusion
     return img
 
 
@@ -330,7 +324,7 @@ def _prepare_out_dir(out: Path) -> None:
 
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, num_classes: int = 10, train_per_class: int = 60,
-             val_per_class: int = 20, image_size: int = 64, det_classes: int = 5, det_train: int = 40,
+             val_per_class: int = 100, image_size: int = 64, det_classes: int = 5, det_train: int = 40,
              det_train12: int | None = None, det_test: int = 20, det_image_size: int = 128) -> dict:
     """Write the whole synthshapes benchmark under ``out_dir`` and return its manifest.
 
