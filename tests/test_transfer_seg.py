@@ -56,7 +56,6 @@ def test_seg_records_per_class_iou(seg_run, synth_root):
     assert "depth=18" in dumped and "type='BN'" in dumped and "SyncBN" not in dumped
 
 
-@pytest.mark.xfail(reason="known failure (issue 3): the short CPU pretraining fixture does not yet learn features that beat random init, see tests/test_learning_signal.py", strict=False)
 def test_seg_learns_beyond_background(seg_run, synth_root):
     # Learning, not just execution: beyond predicting background everywhere, and shapes are found.
     rec = seg_run[1]
