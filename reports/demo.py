@@ -31,11 +31,18 @@ def _log(msg: str) -> None:
 
 
 def synth_data(root: Path) -> Path:
-    from cgh.data.synth import MANIFEST, generate
+    """Generate the demo's synthshapes once; a root from an older generator is an error, since
+    every later step of an earlier demo was computed on it."""
+    from cgh.data.synth import FORMAT_VERSION, MANIFEST, generate, read_manifest
+    from cgh.errors import DatasetError
 
     if not (root / MANIFEST).is_file():       # the manifest is written last: present = complete
         _log(f"generating synthshapes in {root}")
         generate(root, seed=0)
+    elif (version := read_manifest(root).get("format_version")) != FORMAT_VERSION:
+        raise DatasetError(f"{root} holds synthshapes format {version}, but this version generates format "
+                           f"{FORMAT_VERSION}; delete {root.parent} (an earlier demo's output) or pass "
+                           "another --output")
     return root
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -170,3 +171,17 @@ def test_demo_writes_a_moco_layout_the_hub_reads_back_exactly(tmp_path):
     assert b.layout == "moco" and a.arch == b.arch == "resnet18"
     assert a.state_dict.keys() == b.state_dict.keys()
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_demo_refuses_synthshapes_from_an_older_generator(tmp_path):
+    """An earlier demo's data (older format) is not silently reused under a newer generator."""
+    from cgh.data.synth import MANIFEST
+    from cgh.errors import DatasetError
+    from reports.demo import synth_data
+
+    root = tmp_path / "demo_out" / "synthshapes"
+    root.mkdir(parents=True)
+    (root / MANIFEST).write_text(json.dumps({"name": "synthshapes", "format_version": 1}))
+    with pytest.raises(DatasetError, match=r"format 1, but this version generates format 2; delete .*demo_out"):
+        synth_data(root)
+

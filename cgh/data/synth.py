@@ -31,7 +31,7 @@ from cgh.errors import DatasetError
 from cgh.io import atomic_write_json, sha256_file
 
 MANIFEST = "synthshapes.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: grey classification images, 100 val per class by default
 IGNORE_INDEX = 255            # VOC's "void" label on object boundaries
 SUBSET_FRACTIONS = {"1percent": 0.01, "10percent": 0.10}
 # Stream ids keep the per-image generators of different sets apart.
