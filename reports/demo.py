@@ -1,4 +1,4 @@
-"""The end-to-end demo (``make demo``): offline, CPU, about 10 minutes on 2 cores.
+"""The end-to-end demo (``make demo``): offline, CPU, about 9 minutes on 2 cores.
 
 1. generate the synthshapes benchmark;
 2. pretrain CGH (cross-context) and the ReSSL baseline (global-context) briefly on it;
