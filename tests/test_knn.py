@@ -319,3 +319,14 @@ def test_precision_option_is_checked(tmp_path):
     assert knn.resolve_precision("auto", torch.device("cpu"), 100, 10 ** 7, 2048, 40) == "fp32"   # too few rows
     assert knn.resolve_precision("auto", torch.device("cpu"), 10 ** 5, 10 ** 4, 256, 40) == "fp32"  # dim too small
     assert knn.resolve_precision("bf16", torch.device("cpu"), 100, 1, 8, 40) == "bf16"             # as asked
+
+
+def test_unit_rows_is_f_normalize_bit_for_bit():
+    """The search's own row normalisation equals ``F.normalize`` exactly, zero rows included."""
+    import torch.nn.functional as F
+
+    from eval.knn import _unit_rows
+    x = torch.randn(257, 96, generator=torch.Generator().manual_seed(5)) * 3
+    x[7] = 0.0
+    x[9] = 1e-30
+    assert torch.equal(_unit_rows(x), F.normalize(x, dim=1))
