@@ -8,7 +8,14 @@ statistics legitimately differ from whole-batch ones.
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -106,3 +113,91 @@ def test_two_processes_match_one(tmp_path):
     for k in ("queue.labels", "queue.indices", "queue.ptr"):
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert a["state"]["queue.indices"].tolist() == list(range(STEPS * BATCH))
+
+
+# ---- the real command under torchrun: 2 nodes x 1 process == 1 node x 2 processes ---------------------
+
+def _torchrun(root, out, port: int, nnodes: int, node_rank: int, *extra: str) -> list[str]:
+    from _helpers_trainer import RESUME_EPOCHS, tiny_overrides
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+            f"--nproc_per_node={2 // nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
+            f"--master_port={port}", "--max_restarts=0", "-m", "cgh.cli", "pretrain",
+            "--config", "pretrain/demo_synth", *tiny_overrides(root, out), f"optim.epochs={RESUME_EPOCHS}",
+            "monitor.knn_every=2", "run.deterministic=true", *extra]
+
+
+def _launch_nodes(root, out, *extra: str) -> list[subprocess.Popen]:
+    """Two torchrun agents on this machine standing in for two nodes (static rendezvous at node 0's
+    address, as on a cluster), sharing ``out`` as nodes share a file system."""
+    from _helpers_trainer import _env
+
+    port = _free_port()
+    return [subprocess.Popen(_torchrun(root, out, port, 2, r, *extra), env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts its workers in new sessions."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                    # the process ended while being read
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[str]:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return logs
+
+
+def test_two_nodes_sigkilled_and_resumed_match_one_node(tmp_path):
+    """The multi-node path end to end on CPU: ``cgh pretrain`` under ``torchrun --nnodes 2``
+    (gloo, one process per node), both nodes SIGKILLed after the epoch-2 checkpoint and resumed
+    with ``--resume auto``, ends bitwise identical to one uninterrupted node with two processes:
+    global ranks, not local ones, shard the data and seed the RNGs, and every rank's state resumes."""
+    from _helpers_trainer import RESUME_EPOCHS, _env, metric_rows, tiny_synth
+    from safetensors.torch import load_file
+
+    root = tiny_synth(tmp_path / "synth")
+    one, two = tmp_path / "one_node", tmp_path / "two_nodes"
+    res = subprocess.run(_torchrun(root, one, _free_port(), 1, 0), env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    nodes = _launch_nodes(root, two)
+    marker = two / "checkpoints" / "epoch_0002.pt"
+    deadline = time.time() + 240
+    while not marker.exists() and all(p.poll() is None for p in nodes) and time.time() < deadline:
+        time.sleep(0.02)
+    for p in nodes:                      # a node dies: its agent and its worker (own session)
+        for pid in [p.pid, *_descendants(p.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        p.communicate()
+    assert marker.exists(), "the two-node run never wrote its epoch-2 checkpoint"
+    assert (two / "checkpoints" / "epoch_0002.rank1.pt").exists(), "rank 1 (on node 1) saved no RNG state"
+    assert not (two / "backbone.safetensors").exists(), "the run finished before it was killed"
+
+    logs = _wait(_launch_nodes(root, two, "--resume", "auto"))
+    assert "resumed from" in logs[0] and f"/{RESUME_EPOCHS})" in logs[0]
+
+    a, b = load_file(str(one / "backbone.safetensors")), load_file(str(two / "backbone.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(one / "checkpoints" / f"epoch_{RESUME_EPOCHS:04d}.pt", weights_only=True)
+    sb = torch.load(two / "checkpoints" / f"epoch_{RESUME_EPOCHS:04d}.pt", weights_only=True)
+    assert sa["world_size"] == sb["world_size"] == 2
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    assert metric_rows(one) == metric_rows(two) and len(metric_rows(one)) == RESUME_EPOCHS
+    record = json.loads((two / "result.json").read_text())
+    assert record["extra"]["world_size"] == 2
