@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 
+import cgh  # noqa: F401  (first: huge pages for torch's tensors, as the cgh command has; cgh/__init__.py)
 import numpy as np
 import torch
 

@@ -23,14 +23,19 @@ from eval.metrics import topk_accuracy
 # Similarities held at once: chunk rows x train rows. 2**27 float32 = 512 MiB, so ImageNet
 # (1.28M train features) runs ~100 val rows per chunk and never holds the 50k x 1.28M matrix.
 SIMILARITY_BUDGET = 2 ** 27
-# Train rows x dim float32 elements measured at once for their bf16 rounding errors (64 MiB; much
-# smaller blocks lose more to thread hand-offs per block than they gain from the cache).
-ROUNDING_BUDGET = 2 ** 24
+# Train rows x dim float32 elements normalised, or rounded to bf16 and measured, at once: one
+# block is read from the caches by the next operation (4 MiB: see BENCHMARKS.md).
+BLOCK_ELEMENTS = 2 ** 20
 PRECISIONS = ("auto", "fp32", "bf16")
-# CPU cap on val rows per chunk: a 512-row chunk's bf16 similarities (51 MB at 50k train rows) are
-# reused from the caches by the top-k (AMX Xeon, 50k x 2048 train, 10k val, bf16 search, interleaved:
-# 2684-row chunks 2.8-4.0 s, 512-row chunks 2.5-2.6 s).
-CPU_CHUNK_ROWS = 512
+# CPU cap on val rows per chunk (AMX Xeon, 50k x 2048 train, 10k val, bf16 search, 8 interleaved
+# runs: median 2.01 s with 512 rows, 1.95 s with 1024, 2.22 s with 2048, whose 205 MB of bf16
+# similarities no longer stay in the caches between the product and the selection).
+CPU_CHUNK_ROWS = 1024
+# On CPU the bf16 product runs over slices of this many train rows: oneDNN then keeps 2.0-2.4
+# TFLOP/s at every chunk size, against 1.4-1.6 for most shapes as one product over 50k train rows.
+CPU_GEMM_COLUMNS = 16384
+# The candidate selection cuts each row of similarities into this many strided blocks (see _top_m).
+SELECT_BLOCKS = 8
 U_BF16 = 2.0 ** -8    # unit roundoff of bfloat16 (8 significand bits, round to nearest even)
 U_FP32 = 2.0 ** -24   # unit roundoff of float32
 
@@ -92,27 +97,31 @@ class _Bf16Search:
 
     def __init__(self, train: torch.Tensor, margin: int):
         self.train = train
-        self.train_bf16 = train.to(torch.bfloat16)
-        self.b = train.norm(dim=1).max()
-        self.e = torch.zeros((), device=train.device)
-        rows = max(1, ROUNDING_BUDGET // train.shape[1])
-        err = torch.empty(rows, train.shape[1], device=train.device)
-        for r in range(0, train.shape[0], rows):    # in blocks through one scratch buffer
-            block = err[:min(rows, train.shape[0] - r)]
-            block.copy_(self.train_bf16[r:r + rows]).sub_(train[r:r + rows])
+        self.train_bf16 = torch.empty_like(train, dtype=torch.bfloat16)
+        self.b = self.e = torch.zeros((), device=train.device)
+        rows = max(1, BLOCK_ELEMENTS // train.shape[1])
+        err = torch.empty(min(rows, train.shape[0]), train.shape[1], device=train.device)
+        for r in range(0, train.shape[0], rows):    # one pass, block by block through the caches
+            src, low = train[r:r + rows], self.train_bf16[r:r + rows]
+            low.copy_(src)
+            block = err[:src.shape[0]].copy_(low).sub_(src)
+            self.b = torch.maximum(self.b, src.norm(dim=1).max())
             self.e = torch.maximum(self.e, block.norm(dim=1).max())
         self.gamma = _gamma(train.shape[1])
         self.margin = margin
         self.wider_rows = 0         # rows that needed k + 4 margin candidates (for tests and benchmarks)
         self.fallback_rows = 0      # rows redone in float32: the certificate failed twice
-        self._sim = torch.empty(0, dtype=torch.bfloat16, device=train.device)
+        self._sim = torch.empty(0, 0, dtype=torch.bfloat16, device=train.device)
 
     def _sim_buffer(self, rows: int) -> torch.Tensor:
-        """The bf16 similarity chunk, reused: a fresh 256 MiB allocation costs page faults per chunk."""
-        n = rows * self.train.shape[0]
-        if self._sim.numel() < n:
-            self._sim = torch.empty(n, dtype=torch.bfloat16, device=self.train.device)
-        return self._sim[:n].view(rows, self.train.shape[0])
+        """The bf16 similarity chunk [rows, padded width], reused (a fresh 200 MB allocation costs
+        page faults per chunk); columns past the train rows hold -inf, as ``_top_m`` expects."""
+        if self._sim.shape[0] < rows:
+            n = self.train.shape[0]
+            self._sim = torch.empty(rows, _padded_width(n, self.train.device), dtype=torch.bfloat16,
+                                    device=self.train.device)
+            self._sim[:, n:] = float("-inf")
+        return self._sim[:rows]
 
     def _rerank(self, query: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """float32 similarities of each query row to its candidate train rows (``cand`` [c, m], each
@@ -156,7 +165,7 @@ class _Bf16Search:
     def _certified_topk(self, query: torch.Tensor, sim_bf16: torch.Tensor, delta: torch.Tensor, k: int, m: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top k of the float32 re-ranked top m bf16 candidates, and the rows whose certificate fails."""
-        cand_sim, cand = sim_bf16.topk(m, dim=1)
+        cand_sim, cand = _top_m(sim_bf16, m, self.train.shape[0])
         s_m = cand_sim[:, -1].float()
         cand = cand.sort(dim=1).values
         sim, pos = self._rerank(query, cand).topk(k, dim=1)
@@ -168,16 +177,53 @@ class _Bf16Search:
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """``F.normalize(x, dim=1)``, bit for bit, without its ``expand_as``: dividing by a broadcast
-    [N, 1] norm is 1.7x faster on CPU (50k x 2048: 0.20 vs 0.34 s)."""
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """``F.normalize(x, dim=1)``, bit for bit, without its ``expand_as`` (dividing by a broadcast
+    [N, 1] norm is 1.7x faster on CPU), block by block so the division reads what the norm read
+    from the caches."""
+    out = torch.empty_like(x)
+    rows = max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
+    for r in range(0, x.shape[0], rows):
+        block = x[r:r + rows]
+        torch.div(block, block.norm(dim=1, keepdim=True).clamp_min(1e-12), out=out[r:r + rows])
+    return out
+
+
+def _padded_width(n: int, device: torch.device) -> int:
+    """Columns of the similarity buffer: on CPU ``n`` rounded up to whole ``SELECT_BLOCKS``."""
+    return n if device.type == "cuda" else -(-n // SELECT_BLOCKS) * SELECT_BLOCKS
+
+
+def _top_m(sim: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m largest values of each row of ``sim[:, :n]`` and their columns (ties in any order).
+
+    On CPU ``sim`` is padded to whole ``SELECT_BLOCKS`` with -inf. Column c lies in block
+    c mod W (W = width / blocks). A row's m largest values lie in at most m blocks, whose maxima
+    are then among the m largest block maxima; so the m largest of the m * blocks values in the
+    blocks with the top m maxima are the row's m largest, and every other value is at most the
+    m-th (ties included). The strided maximum is vectorised, a top-k over the full row is not:
+    2048 x 50k bf16, m = 52: 0.050 s against 0.079 s for ``topk`` (AMX Xeon, 2 threads).
+    """
+    width = sim.shape[1]
+    blocks = width // SELECT_BLOCKS if sim.device.type != "cuda" and width % SELECT_BLOCKS == 0 else 0
+    if blocks < 4 * m:      # small rows (or CUDA, where topk is fast): select directly
+        return sim[:, :n].topk(m, dim=1)
+    maxima = sim.view(sim.shape[0], SELECT_BLOCKS, blocks).amax(dim=1)
+    top_blocks = maxima.topk(m, dim=1).indices
+    offsets = torch.arange(0, width, blocks, device=sim.device).view(1, SELECT_BLOCKS, 1)
+    cols = (top_blocks.unsqueeze(1) + offsets).view(sim.shape[0], SELECT_BLOCKS * m)
+    values, pos = sim.gather(1, cols).topk(m, dim=1)
+    return values, cols.gather(1, pos)
 
 
 def _bf16_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """a @ b.T in bf16 with float32 accumulation (the certificate's assumption; cuBLAS may otherwise
-    reduce split-K partial sums in bf16)."""
+    """a @ b.T into ``out[:, :len(b)]`` in bf16 with float32 accumulation (the certificate's
+    assumption; cuBLAS may otherwise reduce split-K partial sums in bf16); on CPU in slices of
+    ``CPU_GEMM_COLUMNS`` train rows."""
     if a.device.type != "cuda":
-        return torch.mm(a, b.T, out=out)
+        for j in range(0, b.shape[0], CPU_GEMM_COLUMNS):
+            part = b[j:j + CPU_GEMM_COLUMNS]
+            torch.mm(a, part.T, out=out[:, j:j + part.shape[0]])
+        return out
     flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     try:

@@ -260,6 +260,34 @@ def test_bf16_search_equals_fp32_and_brute_force(data):
     np.testing.assert_allclose(scores, brute_force_knn(xtr, ytr, xte, k, 0.07, 7), rtol=1e-4, atol=1e-30)
 
 
+def test_top_m_equals_topk_with_padding_and_ties():
+    """The strided-block candidate selection returns exactly topk's values (ties included: values
+    are multiples of 1/64), on a row width that needs -inf padding; columns point at those values,
+    never at the padding, and no column repeats."""
+    g = torch.Generator().manual_seed(7)
+    n, rows = 1003, 40
+    width = knn._padded_width(n, torch.device("cpu"))
+    assert width > n and width % knn.SELECT_BLOCKS == 0
+    sim = torch.full((rows, width), float("-inf"), dtype=torch.bfloat16)
+    sim[:, :n] = (torch.randint(-40, 40, (rows, n), generator=g) / 64).bfloat16()
+    for m in (1, 20, 31, 50):       # blocks of 125 columns: m <= 31 takes the block path, 50 topk
+        values, cols = knn._top_m(sim, m, n)
+        assert torch.equal(values, sim[:, :n].topk(m, dim=1).values), m
+        assert (cols < n).all() and torch.equal(sim.gather(1, cols), values)
+        assert all(len(set(r)) == m for r in cols.tolist())
+
+
+def test_bf16_search_over_several_product_slices_stays_exact(monkeypatch):
+    """With the CPU product cut into slices of 257 train rows (ragged last slice), the bf16 search
+    still equals the float32 one: each slice lands in its own columns of the similarity buffer."""
+    monkeypatch.setattr(knn, "CPU_GEMM_COLUMNS", 257)
+    xtr, _, xte, _ = clustered(n_train=3000, n_test=100, dim=64, seed=4)
+    s32, i32, _ = neighbours(xtr, xte, 10, precision="fp32")
+    s16, i16, st = neighbours(xtr, xte, 10, precision="bf16", chunk_size=64)
+    assert st["fallback_rows"] < len(xte) // 2, st
+    assert_same_neighbours(s16, i16, s32, i32)
+
+
 def test_certificate_catches_bf16_misorder():
     """With no margin the bf16 top k is the only candidate set; on near-ties bf16 picks wrong
     members for many rows, the certificate must reject those and the float32 fallback fix them."""
