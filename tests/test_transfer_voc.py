@@ -9,7 +9,7 @@ import pytest
 
 from cgh import cli
 from cgh.backbone import ArchError
-from cgh.config import load_config
+from cgh.config import ConfigError, load_config
 from cgh.errors import DatasetError
 from cgh.records import read_record
 from transfer import voc
@@ -107,6 +107,21 @@ def test_unknown_class_names_fail_before_training(synth_root, random_ckpt, tmp_p
     # The 20 PASCAL classes do not include the synthetic shapes.
     with pytest.raises(DatasetError, match="not in the class list"):
         voc.run(_cfg(random_ckpt, synth_root, tmp_path / "out", "classes=voc"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["num_machines=2", "machine_rank=2", "dist_url=tcp://10.0.0.1:29500"], "invalid launch"),
+    (["num_machines=2", "machine_rank=1"], "explicit dist_url"),
+    (["gpus=2"], "but the run is on CPU"),
+    (["num_machines=2", "dist_url=tcp://10.0.0.1:29500"], "but the run is on CPU"),
+])
+def test_bad_launch_settings_fail_before_training(synth_root, random_ckpt, tmp_path, overrides, message):
+    """detectron2's launcher needs CUDA for more than one process, and several machines need
+    machine 0's address: each mistake is named before any data is read or weights written."""
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=message):
+        voc.run(_cfg(random_ckpt, synth_root, out, "device=cpu", *overrides))
+    assert not out.exists()
 
 
 def test_cli_prints_one_line_error(synth_root, random_ckpt, tmp_path, capsys):

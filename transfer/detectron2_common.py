@@ -355,12 +355,12 @@ def check_launch(cfg, device: str) -> None:
     if cfg.gpus < 1 or cfg.num_machines < 1 or not 0 <= cfg.machine_rank < cfg.num_machines:
         raise ConfigError(f"invalid launch: gpus={cfg.gpus}, num_machines={cfg.num_machines}, "
                           f"machine_rank={cfg.machine_rank}")
+    if cfg.dist_url == "auto" and cfg.num_machines > 1:
+        raise ConfigError("several machines need an explicit dist_url (tcp://HOST:PORT of machine 0)")
     if device == "cpu" and (cfg.gpus > 1 or cfg.num_machines > 1):
         raise ConfigError("several GPUs or machines were asked for, but the run is on CPU")
     if device == "cuda" and cfg.gpus > torch.cuda.device_count():
         raise ConfigError(f"gpus={cfg.gpus} but this machine has {torch.cuda.device_count()} CUDA devices")
-    if cfg.dist_url == "auto" and cfg.num_machines > 1:
-        raise ConfigError("several machines need an explicit dist_url (tcp://HOST:PORT of machine 0)")
 
 
 def run_detectron2_protocol(cfg, task_module: str) -> Path:
