@@ -154,8 +154,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _kill_node(p: subprocess.Popen) -> None:
+    """A node dies: its torchrun agent and its worker (which torchrun starts in a new session)."""
+    for pid in [p.pid, *_descendants(p.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate()
+
+
 def _wait(procs: list[subprocess.Popen]) -> list[str]:
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            _kill_node(p)
+        raise
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     return logs
@@ -180,10 +195,8 @@ def test_two_nodes_sigkilled_and_resumed_match_one_node(tmp_path):
     deadline = time.time() + 240
     while not marker.exists() and all(p.poll() is None for p in nodes) and time.time() < deadline:
         time.sleep(0.02)
-    for p in nodes:                      # a node dies: its agent and its worker (own session)
-        for pid in [p.pid, *_descendants(p.pid)]:
-            os.kill(pid, signal.SIGKILL)
-        p.communicate()
+    for p in nodes:
+        _kill_node(p)
     assert marker.exists(), "the two-node run never wrote its epoch-2 checkpoint"
     assert (two / "checkpoints" / "epoch_0002.rank1.pt").exists(), "rank 1 (on node 1) saved no RNG state"
     assert not (two / "backbone.safetensors").exists(), "the run finished before it was killed"
