@@ -110,8 +110,11 @@ def fit(model: nn.Module, train_ds: Dataset, *, optimizer: torch.optim.Optimizer
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(epoch)
-        torch.manual_seed(seed * 100003 + epoch)          # augmentation in the main process
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)  # data order and worker seeds
+        # augmentation (main process and worker seeds) differs per process, as its images do; one
+        # process: the data order too. The DistributedSampler's order depends on (seed, epoch) only.
+        stream = seed * 100003 + epoch * size + rank
+        torch.manual_seed(stream)
+        gen = torch.Generator().manual_seed(stream)
         if size > 1:
             sampler = DistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
             sampler.set_epoch(epoch)
@@ -133,7 +136,10 @@ def fit(model: nn.Module, train_ds: Dataset, *, optimizer: torch.optim.Optimizer
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
-        loss_mean = loss_sum.item() / max(steps, 1)
+        totals = torch.stack([loss_sum.double(), torch.tensor(float(steps), dtype=torch.float64, device=device)])
+        if size > 1:        # every process logs, and stops on, the same global mean
+            dist.all_reduce(totals)
+        loss_mean = totals[0].item() / max(totals[1].item(), 1)
         if not math.isfinite(loss_mean):
             raise CghError(f"training loss became {loss_mean} in epoch {epoch + 1}; lower the learning rate")
         history.append({"epoch": epoch + 1, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"]})

@@ -3,6 +3,9 @@ labelled as its own protocol, a pretrained backbone beats random init, bad input
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,6 +81,44 @@ def test_full_probe_resumes_exactly(synth_cls_root, random_ckpt, tmp_path, monke
     # The saved state belongs to this checkpoint and setup: another one is refused, not mixed in.
     with pytest.raises(CghError, match="different run.*epochs"):
         linear.run(knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "whole", **{**kw, "epochs": 3}))
+
+
+def test_full_probe_under_torchrun_matches_a_by_hand_score(synth_root, pretrained_ckpt, tmp_path):
+    """The multi-process path on CPU (gloo): ``cgh eval linear`` under ``torchrun --nproc_per_node 2``
+    trains with DDP and scores each process's half of val; the record's top-1/top-5 (counts summed
+    over the processes) equal the saved head scored here image by image, and one record is written.
+    (The pretrained backbone, so that predictions vary: a head that always says one class would
+    score the same on either half of the class-balanced val set.)"""
+    from eval.features import build_split, eval_transform, open_checkpoint
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cgh.cli",
+           "eval", "linear", "--checkpoint", str(pretrained_ckpt), "--dataset", "synthshapes",
+           "--data-root", str(synth_root), "-o", str(out), "epochs=2", "lr=3.0", "batch_size=50",
+           "resize=64", "crop=64", "num_workers=0", "device=cpu"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("record:") == 1            # rank 0 reports, rank 1 stays quiet
+    rec = read_record(out / "result.json")
+    assert rec["protocol"] == "linear" and [h["epoch"] for h in rec["extra"]["history"]] == [1, 2]
+
+    backbone, _ = open_checkpoint(knn_cfg(linear, pretrained_ckpt, synth_root, tmp_path / "unused"))
+    probe = linear.LinearProbe(backbone, 512, 10)
+    probe.head.load_state_dict(torch.load(out / linear.STATE_NAME, weights_only=True)["model"])
+    probe.eval()
+    val = build_split("synthshapes", synth_root, "val", eval_transform(64, 64)[0])
+    hit1, hit5 = [], []
+    with torch.no_grad():
+        for i in range(len(val)):
+            image, label = val[i]
+            ranked = probe(image[None])[0].argsort(descending=True).tolist()
+            hit1.append(ranked[0] == label)
+            hit5.append(label in ranked[:5])
+    assert rec["metrics"]["top1"] == 100.0 * sum(hit1) / len(val)
+    assert rec["metrics"]["top5"] == 100.0 * sum(hit5) / len(val)
+    # rank 0's half alone (every other image) scores differently, so the sum over processes counted
+    assert 100.0 * sum(hit1[0::2]) / len(hit1[0::2]) != rec["metrics"]["top1"]
 
 
 def test_fast_mode_is_its_own_protocol(synth_cls_root, random_ckpt, tmp_path):
