@@ -3,7 +3,10 @@ cache skips the forward pass, a pretrained backbone beats random init, bad input
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,6 +123,32 @@ def test_protocol_record_and_cache_hit(synth_cls_root, random_ckpt, tmp_path, mo
     cfg4 = knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "d", crop=56, cache_dir=cache, ks=[5])
     with pytest.raises(AssertionError, match="cache hit"):
         knn.run(cfg4)
+
+
+def test_protocol_under_torchrun_equals_one_process(synth_cls_root, random_ckpt, tmp_path):
+    """``cgh eval knn`` under ``torchrun --nproc_per_node 2`` (gloo): each process embeds every
+    other image, the shards are gathered back into dataset order, and the run writes the record of
+    a one-process run: the same labels in the same order, the same features, the same accuracies."""
+    from safetensors.torch import load_file
+
+    one = read_record(knn.run(knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "one", ks=[5, 10, 20],
+                                      cache_dir=tmp_path / "cache_one")))
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cgh.cli",
+           "eval", "knn", "--checkpoint", str(random_ckpt), "--dataset", "synthshapes",
+           "--data-root", str(synth_cls_root), "-o", str(out), "resize=64", "crop=64", "batch_size=64",
+           "ks=[5,10,20]", "num_workers=0", "device=cpu", f"cache_dir={tmp_path / 'cache_two'}"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = read_record(out / "result.json")
+    assert two["metrics"] == one["metrics"]
+    for name in ("train", "val"):       # the cache files hold what each run computed
+        (a,) = (tmp_path / "cache_one").glob(f"features-{name}-*.safetensors")
+        (b,) = (tmp_path / "cache_two").glob(f"features-{name}-*.safetensors")
+        fa, fb = load_file(str(a)), load_file(str(b))
+        assert torch.equal(fa["labels"], fb["labels"])
+        torch.testing.assert_close(fa["features"], fb["features"], rtol=1e-5, atol=1e-6)
 
 
 def test_cached_features_equal_fresh_extraction(synth_cls_root, random_ckpt, tmp_path):
