@@ -3,6 +3,11 @@
 The checkpoints come from ``tests/conftest.py`` (``random_ckpt``, ``pretrained_ckpt``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +32,18 @@ def knn_cfg(module, ckpt, root, out, **kw):
             "resize": 64, "crop": 64, "batch_size": 64, "num_workers": 0, "device": "cpu"}
     base.update(kw)
     return load_config(module.Config, None, [f"{k}={v}" for k, v in base.items()])
+
+
+def eval_under_torchrun(protocol: str, ckpt, root, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``cgh eval PROTOCOL`` on synthshapes under ``torchrun --standalone --nproc_per_node 2`` (gloo,
+    one thread per process); asserts that it succeeded and returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cgh.cli",
+           "eval", protocol, "--checkpoint", str(ckpt), "--dataset", "synthshapes", "--data-root", str(root),
+           "-o", str(out), "num_workers=0", "device=cpu", *overrides]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def ddp_extract_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

@@ -184,4 +184,3 @@ def test_demo_refuses_synthshapes_from_an_older_generator(tmp_path):
     (root / MANIFEST).write_text(json.dumps({"name": "synthshapes", "format_version": 1}))
     with pytest.raises(DatasetError, match=r"format 1, but this version generates format 2; delete .*demo_out"):
         synth_data(root)
-

@@ -3,10 +3,7 @@ cache skips the forward pass, a pretrained backbone beats random init, bad input
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +17,7 @@ from eval import features as features_mod
 from eval import knn
 from eval.knn import weighted_knn
 from eval.metrics import topk_accuracy
-from _helpers_eval import knn_cfg, synth_cls_root  # noqa: F401  (fixture)
+from _helpers_eval import eval_under_torchrun, knn_cfg, synth_cls_root  # noqa: F401  (fixture)
 
 
 def clustered(n_train=400, n_test=150, dim=24, classes=7, seed=0):
@@ -134,13 +131,8 @@ def test_protocol_under_torchrun_equals_one_process(synth_cls_root, random_ckpt,
     one = read_record(knn.run(knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "one", ks=[5, 10, 20],
                                       cache_dir=tmp_path / "cache_one")))
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cgh.cli",
-           "eval", "knn", "--checkpoint", str(random_ckpt), "--dataset", "synthshapes",
-           "--data-root", str(synth_cls_root), "-o", str(out), "resize=64", "crop=64", "batch_size=64",
-           "ks=[5,10,20]", "num_workers=0", "device=cpu", f"cache_dir={tmp_path / 'cache_two'}"]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_under_torchrun("knn", random_ckpt, synth_cls_root, out, "resize=64", "crop=64", "batch_size=64",
+                        "ks=[5,10,20]", f"cache_dir={tmp_path / 'cache_two'}")
     two = read_record(out / "result.json")
     assert two["metrics"] == one["metrics"]
     for name in ("train", "val"):       # the cache files hold what each run computed

@@ -3,9 +3,6 @@ labelled as its own protocol, a pretrained backbone beats random init, bad input
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from cgh.errors import CghError
 from cgh.records import read_record
 from eval import linear
 from eval.training import cosine_factor
-from _helpers_eval import knn_cfg, synth_cls_root  # noqa: F401  (fixture)
+from _helpers_eval import eval_under_torchrun, knn_cfg, synth_cls_root  # noqa: F401  (fixture)
 
 
 def test_cosine_schedule_by_hand():
@@ -92,13 +89,8 @@ def test_full_probe_under_torchrun_matches_a_by_hand_score(synth_root, pretraine
     from eval.features import build_split, eval_transform, open_checkpoint
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cgh.cli",
-           "eval", "linear", "--checkpoint", str(pretrained_ckpt), "--dataset", "synthshapes",
-           "--data-root", str(synth_root), "-o", str(out), "epochs=2", "lr=3.0", "batch_size=50",
-           "resize=64", "crop=64", "num_workers=0", "device=cpu"]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = eval_under_torchrun("linear", pretrained_ckpt, synth_root, out, "epochs=2", "lr=3.0", "batch_size=50",
+                              "resize=64", "crop=64")
     assert res.stdout.count("record:") == 1            # rank 0 reports, rank 1 stays quiet
     rec = read_record(out / "result.json")
     assert rec["protocol"] == "linear" and [h["epoch"] for h in rec["extra"]["history"]] == [1, 2]
