@@ -66,7 +66,7 @@ def cgh_step_fn(args, device):
     cfg = load_pretrain_config(None, overrides)
     model = build_model(cfg, 1, device)
     if args.compile:
-        model.compile()
+        model.compile(mode=args.compile_mode)
     opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.precision == "fp16")
     b, s = args.batch_size, args.image_size
@@ -89,7 +89,7 @@ def supervised_step_fn(args, device):
     if cuda:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.compile()
+        model.compile(mode=args.compile_mode)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     b, s = args.batch_size, args.image_size
     x = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last if cuda else
@@ -168,6 +168,8 @@ def gpu_augment_seconds(args, device: torch.device) -> float:
 
 
 def main() -> None:
+    from cgh.train import COMPILE_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default=None, help="default: resnet50 on GPU, resnet18 on CPU")
@@ -188,6 +190,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (run.compile)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode (run.compile_mode); reduce-overhead = CUDA graphs")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -206,7 +210,7 @@ def main() -> None:
     precision = args.precision if gpu else "fp32 (CPU)"
     print(f"device={device} arch={args.arch} batch={args.batch_size} image={args.image_size}px "
           f"precision={precision} queue={args.queue_size} teacher_bn={args.teacher_bn} loss={args.loss_mode} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}" + (f" compile={args.compile_mode}" if args.compile else ""))
     sup_fn, cgh_fn = supervised_step_fn(args, device), cgh_step_fn(args, device)
     sup = _median_time(sup_fn, args.steps, args.warmup, device)
     cgh = _median_time(cgh_fn, args.steps, args.warmup, device)

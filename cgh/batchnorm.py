@@ -84,10 +84,22 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+@torch.compiler.disable
+def _random_permutation(n: int, device: torch.device, broadcast: bool = False) -> torch.Tensor:
+    """``torch.randperm(n)`` drawn eagerly, outside any ``torch.compile`` graph (the same draw from
+    the same RNG). Inductor of PyTorch 2.11 fails on ``x[torch.randperm(...)]`` inside a graph
+    ("Not all inputs to pattern found in match.kwargs", its randperm-index pattern), which is
+    what made ``run.compile`` fail with split-BN. ``broadcast``: rank 0's draw goes to every process."""
+    perm = torch.randperm(n, device=device)
+    if broadcast:
+        dist.broadcast(perm, src=0)
+    return perm
+
+
 @torch.no_grad()
 def batch_shuffle_single(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Randomly permute the batch on this device; returns (shuffled x, index that undoes it)."""
-    perm = torch.randperm(x.shape[0], device=x.device)
+    perm = _random_permutation(x.shape[0], x.device)
     return x[perm], torch.argsort(perm)
 
 
@@ -106,8 +118,7 @@ def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     if not is_dist():
         return x, None
     x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
+    perm = _random_permutation(x_all.shape[0], x.device, broadcast=True)
     mine = perm.view(dist.get_world_size(), -1)[dist.get_rank()]
     return x_all[mine], torch.argsort(perm)
 

@@ -37,6 +37,12 @@ def test_unknown_layer_name(tmp_path, synth):
         pretrain(_cfg(synth, tmp_path / "o", "model.layers=[layer3,layer5]"))
 
 
+def test_unknown_compile_mode(tmp_path, synth):
+    with pytest.raises(CghError, match=r"run.compile_mode 'fast' unknown.*default, reduce-overhead"):
+        pretrain(_cfg(synth, tmp_path / "o", "run.compile=true", "run.compile_mode=fast"))
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------- corrupt images
 def _corrupt_copy(synth, dst):
     """A copy of the tiny set whose first training image (class folder order) is truncated."""
