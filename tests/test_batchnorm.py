@@ -28,7 +28,16 @@ def make_pair():
     return plain, split
 
 
-def test_split_bn_equals_per_group_bn():
+@pytest.fixture(params=["blocks", "grouped"])
+def split_path(request, monkeypatch):
+    """Eager split-BN runs each block through the fused kernel; under torch.compile it traces
+    ``grouped_forward`` (one reduction for all groups). Both must be the same BatchNorm."""
+    if request.param == "grouped":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
+def test_split_bn_equals_per_group_bn(split_path):
     plain, split = make_pair()
     x = torch.randn(N, C, 5, 5) * 3 + 1
     r = torch.randn(N, C, 5, 5)
@@ -66,13 +75,17 @@ def test_split_bn_eval_uses_running_stats():
     torch.testing.assert_close(split(x), plain(x))
 
 
-def test_split_bn_channels_last_and_bad_batch():
+def test_split_bn_channels_last_and_bad_batch(split_path):
     _, split = make_pair()
     x = torch.randn(N, C, 4, 4)
     ref = copy.deepcopy(split)(x)
     y = split(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(y, ref)
     assert y.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 in, bf16 out, statistics in float32
+        y16 = copy.deepcopy(split)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref, rtol=0.02, atol=0.02)
     with pytest.raises(CghError, match="divisible by bn_splits"):
         split(torch.randn(N + 1, C, 4, 4))
 
