@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cgh.backbone import ArchError
 from cgh.config import ConfigError
@@ -105,6 +106,10 @@ def test_protocol_record_and_cache_hit(synth_cls_root, random_ckpt, tmp_path, mo
     assert m["top1"] == m[f"top1_k{best}"] == max(m[f"top1_k{k}"] for k in (5, 10, 20))
     assert all(m[f"top1_k{k}"] <= m[f"top5_k{k}"] <= 100 for k in (5, 10, 20))
     assert rec["dataset"]["split"] == "val" and rec["checkpoint"]["arch"] == "resnet18"
+    # The search normalises the train features in place; the cached copy stays the backbone's.
+    cached = [load_file(str(p))["features"] for p in cache.rglob("*.safetensors")]
+    assert len(cached) == 2
+    assert not any(torch.allclose(f.norm(dim=1), torch.ones(len(f)), atol=1e-3) for f in cached)
 
     # Second run, other k and T: the features come from the cache; any forward pass would raise.
     def no_forward(*a, **k):
@@ -379,3 +384,21 @@ def test_unit_rows_is_f_normalize_bit_for_bit():
     x[7] = 0.0
     x[9] = 1e-30
     assert torch.equal(_unit_rows(x), F.normalize(x, dim=1))
+    inplace = x.clone()
+    assert _unit_rows(inplace, out=inplace).data_ptr() == inplace.data_ptr()
+    assert torch.equal(inplace, F.normalize(x, dim=1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_rows_normalised_by_the_caller_give_the_same_scores(precision):
+    """``run`` normalises the train features in place and says so (``train_is_unit``), which saves
+    a float32 copy of the train set; the scores are the ones of the raw features, bit for bit."""
+    from eval.knn import _unit_rows
+    xtr, ytr, xte, _ = clustered(n_train=600, n_test=50, seed=3)
+    xtr = xtr * 5 + 1
+    raw = weighted_knn(xtr, ytr, xte, 7, ks=(10, 50), precision=precision)
+    unit = _unit_rows(xtr.clone())
+    told = weighted_knn(unit, ytr, xte, 7, ks=(10, 50), precision=precision, train_is_unit=True)
+    for k in (10, 50):
+        assert torch.equal(told[k], raw[k]), k
+    assert not torch.allclose(xtr.norm(dim=1), torch.ones(600))   # so the raw search had work to do
