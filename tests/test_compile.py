@@ -54,44 +54,60 @@ def test_compiled_graphs_draw_no_permutation():
 
 
 def test_compiled_training_steps_match_eager():
-    """Two full training steps (teacher EMA, split-BN teacher with its shuffle, both branches,
-    queues, loss, SGD) through inductor on the CPU give the eager losses, first-step gradients,
-    teacher outputs and queues, up to float32 reassociation. (The second step's gradients are not
-    compared: after a large first step they are ill-conditioned; perturbing the weights by 1e-6
-    moved them by up to 96 % in eager mode alone.)"""
+    """Two full training steps (teacher EMA, split-BN teacher with its shuffle, a layer2 + layer4
+    hypercolumn, queues, loss, SGD) through inductor on the CPU give the eager losses, first-step
+    gradients, second-step embeddings and queues.
+
+    The model runs in float64 (its embeddings and the loss stay float32): in float32 these tiny
+    nets are too non-smooth to compare gradients (float32 rounding alone put eager gradients up to
+    0.8 % from float64 ones at 128 px, and compiled ones a few %). In float64 the first-step
+    gradients agree to 7e-6 of their scale. Second-step gradients are compared through what they
+    produce: after the first update, differences of 1e-8 in the weights moved them by up to 9 %,
+    in float64 too, so they are not compared directly."""
     cfg = load_pretrain_config(None, ["output_dir=unused", "data.root=unused", "model.arch=resnet18",
-                                      "model.queue_size=32", "optim.batch_size=16", "data.image_size=32",
+                                      "model.queue_size=32", "optim.batch_size=16", "data.image_size=64",
                                       "model.teacher_bn=split", "model.bn_splits=2", "model.hidden_dim=32",
-                                      "model.dim=16", "optim.warmup_epochs=0", "run.compile=true"])
+                                      "model.dim=16", "model.layers=[layer2,layer4]", "optim.warmup_epochs=0",
+                                      "run.compile=true"])
     device = torch.device("cpu")
     torch.manual_seed(0)
-    eager = build_model(cfg, 1, device)
+    eager = build_model(cfg, 1, device).double()
     compiled = copy.deepcopy(eager)
     compiled.compile(mode=cfg.run.compile_mode)
     batches = []
     for step in range(2):
-        student, teacher = _views(10 + step)
-        batches.append((([student], teacher), torch.arange(16) % 4, torch.arange(16) + 16 * step))
+        student, teacher = _views(10 + step, size=64)
+        batches.append((([student.double()], teacher.double()), torch.arange(16) % 4, torch.arange(16) + 16 * step))
+    start = {name: value.clone() for name, value in eager.state_dict().items()}
 
     def run(model):
         opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.0, momentum=0.9)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         torch.manual_seed(7)   # the teacher's shuffle draws from the global RNG
-        losses, first_grads, out = [], None, None
+        losses, first_grads = [], None
         for step, batch in enumerate(batches):
             loss, out = train_step(model, model, batch, opt, scaler, cfg, step, 100, 10, device, 0.05)
             losses.append(loss["total"].item())
             if first_grads is None:
                 first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return losses, first_grads, out, model.queue.state_dict()
+        return losses, first_grads, out, model.state_dict()
 
     want, got = run(eager), run(compiled)
     assert want[0][0] != want[0][1]
-    assert got[0] == pytest.approx(want[0], rel=1e-4)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
     assert got[1].keys() == want[1].keys() and len(want[1]) > 60
     for name, grad in want[1].items():
         assert grad.abs().max() > 0, name
-        assert (got[1][name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+        assert (got[1][name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    for key in ("student_global", "student_hyper"):
+        torch.testing.assert_close(got[2][key][0], want[2][key][0], rtol=0, atol=1e-4)
     for key in ("teacher_global", "teacher_hyper"):
         torch.testing.assert_close(got[2][key], want[2][key], rtol=0, atol=1e-4)
-    torch.testing.assert_close(got[3], want[3], rtol=0, atol=1e-4)
+    for key in ("queue.global_keys", "queue.hyper_keys"):
+        torch.testing.assert_close(got[3][key], want[3][key], rtol=0, atol=1e-4)
+    for key in ("queue.labels", "queue.indices", "queue.ptr"):
+        assert torch.equal(got[3][key], want[3][key]), key
+    # The steps moved the weights and filled the queue, so the comparison above has teeth.
+    w = "student_backbone.layer2.0.conv1.weight"
+    assert (want[3][w] - start[w]).abs().max() > 1e-3
+    assert not torch.equal(want[3]["queue.hyper_keys"], start["queue.hyper_keys"])

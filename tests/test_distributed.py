@@ -5,6 +5,9 @@ steps (the second reads the queue the first one filled and uses the optimizer's 
 Shuffle-BN is off for this check (``teacher_bn=plain``) and ``sync_bn=true`` makes every
 BatchNorm use the global batch's statistics, as one process would; otherwise per-process BN
 statistics legitimately differ from whole-batch ones.
+
+Also here: shuffle-BN's permutation across processes, the compiled model under DDP, and the real
+``cgh pretrain`` under ``torchrun`` on two nodes.
 """
 from __future__ import annotations
 
@@ -36,20 +39,24 @@ def _inputs():
     return student, teacher, labels
 
 
-def _run(rank: int, world: int, port: int, out: str) -> None:
+def _run(rank: int, world: int, port: int, out: str, extra: tuple[str, ...] = (), compiled: bool = False,
+         dtype: torch.dtype = torch.float32) -> None:
     from cgh.train import build_model, load_pretrain_config, setup_determinism, train_step, wrap_ddp
 
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = load_pretrain_config(None, OVERRIDES)
+    cfg = load_pretrain_config(None, OVERRIDES + list(extra))
     device = torch.device("cpu")
     setup_determinism(cfg, 0)
-    core = build_model(cfg, world, device)
+    core = build_model(cfg, world, device).to(dtype)
     model = wrap_ddp(core, world, device)
+    if compiled:
+        core.compile()   # as the trainer does with run.compile=true
     opt = torch.optim.SGD(core.parameters(), lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     student, teacher, labels = _inputs()
+    student, teacher = student.to(dtype), teacher.to(dtype)
     per = BATCH // world
     sl = slice(rank * per, (rank + 1) * per)
     losses = []
@@ -113,6 +120,54 @@ def test_two_processes_match_one(tmp_path):
     for k in ("queue.labels", "queue.indices", "queue.ptr"):
         assert torch.equal(a["state"][k], b["state"][k]), k
     assert a["state"]["queue.indices"].tolist() == list(range(STEPS * BATCH))
+
+
+def _shuffle_round_trip(rank: int, world: int, port: int, out: str) -> None:
+    from cgh.batchnorm import batch_shuffle_ddp, batch_unshuffle_ddp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)   # every process has its own RNG state, as in training
+    mine = torch.arange(8.0).view(4, 2) + 8 * rank   # rows 4 rank .. 4 rank + 3 of the global batch
+    shuffled, idx = batch_shuffle_ddp(mine)
+    torch.save({"mine": mine, "shuffled": shuffled, "back": batch_unshuffle_ddp(shuffled, idx)}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_shuffle_bn_permutes_the_global_batch_and_undoes_it(tmp_path):
+    """Shuffle-BN under two gloo processes with different RNG states: the processes' shuffled
+    slices together hold every sample of the global batch once (one permutation, rank 0's, shared
+    by broadcast), samples do cross processes, and unshuffling gives each process its own rows."""
+    out = str(tmp_path / "shuffle")
+    mp.spawn(_shuffle_round_trip, args=(2, _free_port(), out), nprocs=2, join=True)
+    parts = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ids = torch.cat([p["shuffled"][:, 0] for p in parts]) / 2
+    assert sorted(ids.tolist()) == list(range(8))
+    assert any(not set(p["shuffled"][:, 0].tolist()) <= set(p["mine"][:, 0].tolist()) for p in parts)
+    for p in parts:
+        assert torch.equal(p["back"], p["mine"])
+
+
+def test_compiled_ddp_with_shuffle_bn_matches_eager(tmp_path):
+    """``run.compile`` under DDP with shuffle-BN (the teacher's batch gathered, permuted by rank 0's
+    draw outside the graph, and scattered back): two gloo processes compiled by inductor compute
+    the eager processes' losses, first-step gradients and queues. In float64, as in
+    test_compile.py: in float32 rounding alone moves these tiny nets' gradients by a few %."""
+    extra = ("model.teacher_bn=shuffle", "model.sync_bn=false")
+    eager, compiled = str(tmp_path / "eager.pt"), str(tmp_path / "compiled.pt")
+    mp.spawn(_run, args=(2, _free_port(), eager, extra, False, torch.float64), nprocs=2, join=True)
+    mp.spawn(_run, args=(2, _free_port(), compiled, extra, True, torch.float64), nprocs=2, join=True)
+    a = torch.load(eager, weights_only=True)
+    b = torch.load(compiled, weights_only=True)
+
+    assert torch.allclose(a["losses"], b["losses"], rtol=1e-5), (a["losses"], b["losses"])
+    assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) > 50
+    worst = max(((a["grads"][n] - b["grads"][n]).abs().max() / a["grads"][n].abs().max().clamp_min(1e-12)).item()
+                for n in a["grads"])
+    assert worst < 1e-4, f"largest relative gradient difference {worst}"
+    for k in ("queue.global_keys", "queue.hyper_keys"):
+        assert torch.allclose(a["state"][k], b["state"][k], atol=1e-4), k
+    for k in ("queue.labels", "queue.indices", "queue.ptr"):
+        assert torch.equal(a["state"][k], b["state"][k]), k
 
 
 # ---- the real command under torchrun: 2 nodes x 1 process == 1 node x 2 processes ---------------------
