@@ -53,6 +53,24 @@ def test_compiled_graphs_draw_no_permutation():
     torch.testing.assert_close(traced.queue.snapshot()["queue_hyper"], eager.queue.snapshot()["queue_hyper"])
 
 
+def test_compiled_split_bn_keeps_channels_last():
+    """Compiled, split-BN traces ``grouped_forward`` (one reduction for all groups); a channels_last
+    input must come out channels_last (else every following conv gets a layout copy on the GPU),
+    with the eager values and running statistics."""
+    from cgh.batchnorm import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(8, 4)
+    eager, compiled = copy.deepcopy(bn), torch.compile(copy.deepcopy(bn))
+    x = (torch.randn(16, 8, 6, 6) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    y = compiled(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, eager(x))
+    torch.testing.assert_close(compiled.running_var, eager.running_var)
+    torch.testing.assert_close(compiled.running_mean, eager.running_mean)
+    assert not torch.allclose(eager.running_mean, bn.running_mean)
+
+
 def test_compiled_training_steps_match_eager():
     """Two full training steps (teacher EMA, split-BN teacher with its shuffle, a layer2 + layer4
     hypercolumn, queues, loss, SGD) through inductor on the CPU give the eager losses, first-step
