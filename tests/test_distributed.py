@@ -79,6 +79,20 @@ def _run(rank: int, world: int, port: int, out: str, extra: tuple[str, ...] = ()
         dist.destroy_process_group()
 
 
+def _largest_relative_grad_difference(a: dict, b: dict) -> float:
+    """Over the first step's gradients of two ``_run`` results: max |a - b| / max |a|, worst tensor."""
+    return max(((a["grads"][n] - b["grads"][n]).abs().max() / a["grads"][n].abs().max().clamp_min(1e-12)).item()
+               for n in a["grads"])
+
+
+def _assert_same_queues(a: dict, b: dict, atol: float) -> None:
+    """Queue keys to ``atol``; labels, indices and pointer exactly (same slot = same image)."""
+    for k in ("queue.global_keys", "queue.hyper_keys"):
+        assert torch.allclose(a["state"][k], b["state"][k], atol=atol), k
+    for k in ("queue.labels", "queue.indices", "queue.ptr"):
+        assert torch.equal(a["state"][k], b["state"][k]), k
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,8 +118,7 @@ def test_two_processes_match_one(tmp_path):
     # After the first update the parameters differ by ~1e-5 (rounding), and in the second step that
     # grew to ~1% in a few backbone gradients (measured), so the second step is compared through its
     # loss, the updated parameters and the queues instead.
-    worst = max(((a["grads"][n] - b["grads"][n]).abs().max() / a["grads"][n].abs().max().clamp_min(1e-12)).item()
-                for n in a["grads"])
+    worst = _largest_relative_grad_difference(a, b)
     assert worst < 2e-4, f"largest relative gradient difference {worst}"
     # the hypercolumn head and the backbone's first conv both received (non-zero) gradients
     assert a["grads"]["student_backbone.conv1.weight"].abs().sum() > 0
@@ -114,11 +127,7 @@ def test_two_processes_match_one(tmp_path):
     for k, v in a["state"].items():
         if v.is_floating_point() and "queue" not in k:
             assert torch.allclose(v, b["state"][k], rtol=1e-4, atol=1e-5), k
-    # queues: keys to float tolerance, labels/indices/pointer exactly (same slot = same image)
-    for k in ("queue.global_keys", "queue.hyper_keys"):
-        assert torch.allclose(a["state"][k], b["state"][k], atol=1e-5), k
-    for k in ("queue.labels", "queue.indices", "queue.ptr"):
-        assert torch.equal(a["state"][k], b["state"][k]), k
+    _assert_same_queues(a, b, atol=1e-5)
     assert a["state"]["queue.indices"].tolist() == list(range(STEPS * BATCH))
 
 
@@ -161,13 +170,9 @@ def test_compiled_ddp_with_shuffle_bn_matches_eager(tmp_path):
 
     assert torch.allclose(a["losses"], b["losses"], rtol=1e-5), (a["losses"], b["losses"])
     assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) > 50
-    worst = max(((a["grads"][n] - b["grads"][n]).abs().max() / a["grads"][n].abs().max().clamp_min(1e-12)).item()
-                for n in a["grads"])
+    worst = _largest_relative_grad_difference(a, b)
     assert worst < 1e-4, f"largest relative gradient difference {worst}"
-    for k in ("queue.global_keys", "queue.hyper_keys"):
-        assert torch.allclose(a["state"][k], b["state"][k], atol=1e-4), k
-    for k in ("queue.labels", "queue.indices", "queue.ptr"):
-        assert torch.equal(a["state"][k], b["state"][k]), k
+    _assert_same_queues(a, b, atol=1e-4)
 
 
 # ---- the real command under torchrun: 2 nodes x 1 process == 1 node x 2 processes ---------------------

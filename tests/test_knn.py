@@ -131,8 +131,6 @@ def test_protocol_under_torchrun_equals_one_process(synth_cls_root, random_ckpt,
     """``cgh eval knn`` under ``torchrun --nproc_per_node 2`` (gloo): each process embeds every
     other image, the shards are gathered back into dataset order, and the run writes the record of
     a one-process run: the same labels in the same order, the same features, the same accuracies."""
-    from safetensors.torch import load_file
-
     one = read_record(knn.run(knn_cfg(knn, random_ckpt, synth_cls_root, tmp_path / "one", ks=[5, 10, 20],
                                       cache_dir=tmp_path / "cache_one")))
     out = tmp_path / "two"
