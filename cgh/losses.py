@@ -13,6 +13,8 @@ teacher's temperature of 0.04 multiplies any rounding error of the similarities 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -41,12 +43,25 @@ def relational_loss(student_sims: torch.Tensor, teacher_sims: torch.Tensor,
     return -(target * log_pred).sum(dim=1).mean()
 
 
+def _relational_term(student: torch.Tensor, queue: torch.Tensor, teacher_sims: torch.Tensor,
+                     tau_s: float, tau_t: float) -> torch.Tensor:
+    return relational_loss(similarities(student, queue), teacher_sims, tau_s, tau_t)
+
+
+@functools.cache
+def _compiled_relational_term():
+    """``_relational_term`` through ``torch.compile`` (``run.compile``): its softmaxes, product and
+    sum over the ``[B, K]`` similarities become a few fused kernels, forward and backward, instead
+    of one full pass over ``[B, K]`` per operation (K = 131072 on ImageNet)."""
+    return torch.compile(_relational_term)
+
+
 def _multi_view(student_views: list[torch.Tensor], queue: torch.Tensor, teacher_sims: torch.Tensor,
-                tau_student: float, tau_teacher: float) -> torch.Tensor:
+                tau_student: float, tau_teacher: float, compiled: bool = False) -> torch.Tensor:
     """Mean of the relational loss over student views that share one target (multi-crop: the small
     crops' losses are averaged with the main view's, as in the authors' and ReSSL's code)."""
-    losses = [relational_loss(similarities(z, queue), teacher_sims, tau_student, tau_teacher)
-              for z in student_views]
+    term = _compiled_relational_term() if compiled else _relational_term
+    losses = [term(z, queue, teacher_sims, tau_student, tau_teacher) for z in student_views]
     return torch.stack(losses).mean()
 
 
@@ -57,7 +72,7 @@ def _views(z: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 def cross_context_loss(student_global, student_hyper, teacher_global: torch.Tensor,
                        teacher_hyper: torch.Tensor, queue_global: torch.Tensor,
                        queue_hyper: torch.Tensor, tau_s: float, tau_t: float,
-                       tau_h: float) -> dict[str, torch.Tensor]:
+                       tau_h: float, compiled: bool = False) -> dict[str, torch.Tensor]:
     """CGH (paper eq. 6): ``{"gh": L_gh, "hg": L_hg}``.
 
     - global-hypercolumn alignment ``L_gh = CE(y1^g, y2^h)``: student global vs global queue at
@@ -67,31 +82,32 @@ def cross_context_loss(student_global, student_hyper, teacher_global: torch.Tens
 
     ``student_global``/``student_hyper``: ``[B, D]`` or a list of them (extra global views are the
     multi-crop small crops, averaged into ``L_gh``); teachers ``[B, D]``; queues ``[K, D]``.
+    ``compiled``: compute the terms with ``torch.compile`` (same values; ``run.compile``).
     """
     teacher_h = similarities(teacher_hyper, queue_hyper)
     teacher_g = similarities(teacher_global, queue_global)
-    return {"gh": _multi_view(_views(student_global), queue_global, teacher_h, tau_s, tau_h),
-            "hg": _multi_view(_views(student_hyper), queue_hyper, teacher_g, tau_h, tau_t)}
+    return {"gh": _multi_view(_views(student_global), queue_global, teacher_h, tau_s, tau_h, compiled),
+            "hg": _multi_view(_views(student_hyper), queue_hyper, teacher_g, tau_h, tau_t, compiled)}
 
 
 def same_context_loss(student_global, student_hyper, teacher_global: torch.Tensor,
                       teacher_hyper: torch.Tensor, queue_global: torch.Tensor,
                       queue_hyper: torch.Tensor, tau_s: float, tau_t: float,
-                      tau_h: float) -> dict[str, torch.Tensor]:
+                      tau_h: float, compiled: bool = False) -> dict[str, torch.Tensor]:
     """Same-context ablation (paper Table 5): ``{"gg": CE(y1^g, y2^g), "hh": CE(y1^h, y2^h)}``,
     each context supervised by the teacher's distribution of the same context. Shapes as in
     ``cross_context_loss``."""
     teacher_g = similarities(teacher_global, queue_global)
     teacher_h = similarities(teacher_hyper, queue_hyper)
-    return {"gg": _multi_view(_views(student_global), queue_global, teacher_g, tau_s, tau_t),
-            "hh": _multi_view(_views(student_hyper), queue_hyper, teacher_h, tau_h, tau_h)}
+    return {"gg": _multi_view(_views(student_global), queue_global, teacher_g, tau_s, tau_t, compiled),
+            "hh": _multi_view(_views(student_hyper), queue_hyper, teacher_h, tau_h, tau_h, compiled)}
 
 
 def global_context_loss(student_global, teacher_global: torch.Tensor, queue_global: torch.Tensor,
-                        tau_s: float, tau_t: float) -> dict[str, torch.Tensor]:
+                        tau_s: float, tau_t: float, compiled: bool = False) -> dict[str, torch.Tensor]:
     """Global-context ablation, identical to ReSSL: ``{"gg": CE(y1^g, y2^g)}``."""
     teacher_g = similarities(teacher_global, queue_global)
-    return {"gg": _multi_view(_views(student_global), queue_global, teacher_g, tau_s, tau_t)}
+    return {"gg": _multi_view(_views(student_global), queue_global, teacher_g, tau_s, tau_t, compiled)}
 
 
 def infonce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
@@ -119,7 +135,7 @@ def warmup_weights(step: int, warmup_steps: int) -> dict[str, float]:
 
 def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: float = 0.04,
              tau_h: float = 0.08, schedule: str = "authors", step: int = 0, warmup_steps: int = 0,
-             infonce_temperature: float = 0.2) -> dict:
+             infonce_temperature: float = 0.2, compiled: bool = False) -> dict:
     """The pretraining objective from ``CGHModel``'s outputs.
 
     ``mode``: ``"cross"`` (CGH: ``gh`` + ``hg``), ``"same"`` (``gg`` + ``hh``) or ``"global"``
@@ -127,7 +143,8 @@ def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: floa
     by ``w_cross`` and adds ``w_infonce * infonce`` (``warmup_weights``; InfoNCE on the global and,
     when present, the hypercolumn branch, summed); in global mode the single term gets ``2 *
     w_cross`` so that it ends at weight 1 like ReSSL. ``"paper"``: the plain sum of the relational
-    terms (eq. 6), no InfoNCE.
+    terms (eq. 6), no InfoNCE. ``compiled``: the relational terms through ``torch.compile``
+    (``run.compile``; the same values, fewer kernels).
 
     Returns ``{"total": scalar with gradient, <each term>: detached scalar, "infonce": detached
     scalar (0 when its weight is 0), "w_cross": float, "w_infonce": float}``.
@@ -142,11 +159,11 @@ def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: floa
 
     sg, tg, qg = outputs["student_global"], outputs["teacher_global"], outputs["queue_global"]
     if mode == "global":
-        terms = global_context_loss(sg, tg, qg, tau_s, tau_t)
+        terms = global_context_loss(sg, tg, qg, tau_s, tau_t, compiled)
     else:
         fn = cross_context_loss if mode == "cross" else same_context_loss
         terms = fn(sg, outputs["student_hyper"], tg, outputs["teacher_hyper"], qg,
-                   outputs["queue_hyper"], tau_s, tau_t, tau_h)
+                   outputs["queue_hyper"], tau_s, tau_t, tau_h, compiled)
 
     if schedule == "paper":
         w = {"w_infonce": 0.0, "w_cross": 1.0}

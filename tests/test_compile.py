@@ -71,10 +71,14 @@ def test_compiled_split_bn_keeps_channels_last():
     assert not torch.allclose(eager.running_mean, bn.running_mean)
 
 
-def test_compiled_training_steps_match_eager():
+@pytest.mark.parametrize("variant, small_crops", [
+    ([], 0),
+    (["model.predictor=true", "model.predictor_hidden=32", "model.teacher_bn=plain"], 2)])  # CGH-pred, multi-crop
+def test_compiled_training_steps_match_eager(variant, small_crops):
     """Two full training steps (teacher EMA, split-BN teacher with its shuffle, a layer2 + layer4
     hypercolumn, queues, loss, SGD) through inductor on the CPU give the eager losses, first-step
-    gradients, second-step embeddings and queues.
+    gradients, second-step embeddings and queues; so does CGH-pred with two multi-crop small views
+    (a second view size in the same graph) and plain BN.
 
     The model runs in float64 (its embeddings and the loss stay float32): in float32 these tiny
     nets are too non-smooth to compare gradients (float32 rounding alone put eager gradients up to
@@ -86,7 +90,7 @@ def test_compiled_training_steps_match_eager():
                                       "model.queue_size=32", "optim.batch_size=16", "data.image_size=64",
                                       "model.teacher_bn=split", "model.bn_splits=2", "model.hidden_dim=32",
                                       "model.dim=16", "model.layers=[layer2,layer4]", "optim.warmup_epochs=0",
-                                      "run.compile=true"])
+                                      "run.compile=true", *variant])
     device = torch.device("cpu")
     torch.manual_seed(0)
     eager = build_model(cfg, 1, device).double()
@@ -95,10 +99,13 @@ def test_compiled_training_steps_match_eager():
     batches = []
     for step in range(2):
         student, teacher = _views(10 + step, size=64)
-        batches.append((([student.double()], teacher.double()), torch.arange(16) % 4, torch.arange(16) + 16 * step))
+        small = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(step)).double()
+                 for _ in range(small_crops)]
+        batches.append((([student.double(), *small], teacher.double()), torch.arange(16) % 4,
+                        torch.arange(16) + 16 * step))
     start = {name: value.clone() for name, value in eager.state_dict().items()}
 
-    def run(model):
+    def run(model, cfg):
         opt = torch.optim.SGD(param_groups(model, 1e-4), lr=0.0, momentum=0.9)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         torch.manual_seed(7)   # the teacher's shuffle draws from the global RNG
@@ -110,15 +117,25 @@ def test_compiled_training_steps_match_eager():
                 first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return losses, first_grads, out, model.state_dict()
 
-    want, got = run(eager), run(compiled)
+    eager_cfg = copy.deepcopy(cfg)
+    eager_cfg.run.compile = False   # the loss too: run.compile also compiles its relational terms
+    want, got = run(eager, eager_cfg), run(compiled, cfg)
     assert want[0][0] != want[0][1]
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     assert got[1].keys() == want[1].keys() and len(want[1]) > 60
+    scale = max(grad.abs().max() for grad in want[1].values())
+    compared = 0
     for name, grad in want[1].items():
-        assert grad.abs().max() > 0, name
+        if grad.abs().max() <= 1e-12 * scale:   # zero but for rounding: a bias in front of a BatchNorm
+            assert got[1][name].abs().max() <= 1e-12 * scale, name
+            continue
         assert (got[1][name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+        compared += 1
+    assert compared > 60
+    assert len(got[2]["student_global"]) == 1 + small_crops
     for key in ("student_global", "student_hyper"):
-        torch.testing.assert_close(got[2][key][0], want[2][key][0], rtol=0, atol=1e-4)
+        for view_got, view_want in zip(got[2][key], want[2][key]):
+            torch.testing.assert_close(view_got, view_want, rtol=0, atol=1e-4)
     for key in ("teacher_global", "teacher_hyper"):
         torch.testing.assert_close(got[2][key], want[2][key], rtol=0, atol=1e-4)
     for key in ("queue.global_keys", "queue.hyper_keys"):
@@ -129,3 +146,40 @@ def test_compiled_training_steps_match_eager():
     w = "student_backbone.layer2.0.conv1.weight"
     assert (want[3][w] - start[w]).abs().max() > 1e-3
     assert not torch.equal(want[3]["queue.hyper_keys"], start["queue.hyper_keys"])
+
+
+@pytest.mark.parametrize("mode", ["cross", "same", "global"])
+def test_compiled_loss_terms_match_eager(mode):
+    """``run.compile`` also compiles the loss's relational terms (``cgh_loss(compiled=True)``):
+    every mode, with a multi-crop view, gives the eager loss and gradients, through a compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from cgh.losses import cgh_loss
+
+    g = torch.Generator().manual_seed(3)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+    batch, size, dim = 8, 64, 16
+    fixed = {"teacher_global": unit(batch, dim), "teacher_hyper": unit(batch, dim),
+             "queue_global": unit(size, dim), "queue_hyper": unit(size, dim)}
+    students = [unit(batch, dim), unit(batch, dim), unit(batch, dim)]   # global, small crop, hyper
+
+    def run(compiled):
+        leaves = [s.clone().requires_grad_() for s in students]
+        outputs = {**fixed, "student_global": leaves[:2], "student_hyper": leaves[2:]}
+        loss = cgh_loss(outputs, mode=mode, step=10, warmup_steps=5, compiled=compiled)
+        loss["total"].backward()
+        return loss["total"].detach(), [leaf.grad for leaf in leaves]
+
+    counters.clear()
+    want, want_grads = run(False)
+    assert counters["stats"]["unique_graphs"] == 0
+    got, got_grads = run(True)
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    used = 2 if mode == "global" else 3   # the global mode has no hypercolumn term
+    for grad_got, grad_want in zip(got_grads[:used], want_grads[:used]):
+        assert grad_want.abs().max() > 0
+        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-5 * grad_want.abs().max().item())

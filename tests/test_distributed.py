@@ -51,8 +51,9 @@ def _run(rank: int, world: int, port: int, out: str, extra: tuple[str, ...] = ()
     setup_determinism(cfg, 0)
     core = build_model(cfg, world, device).to(dtype)
     model = wrap_ddp(core, world, device)
-    if compiled:
-        core.compile()   # as the trainer does with run.compile=true
+    if compiled:   # as the trainer does with run.compile=true: the model and the loss terms
+        cfg.run.compile = True
+        core.compile(mode=cfg.run.compile_mode)
     opt = torch.optim.SGD(core.parameters(), lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     student, teacher, labels = _inputs()
