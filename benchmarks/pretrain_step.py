@@ -12,6 +12,7 @@ device part (``cgh.gpu_augment`` on one collated batch) is timed on the device.
     python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch-size 256 \
         --image-size 224 --queue-size 131072 --workers 16    # the GPU target (H100: CGH <= 1.5x)
     python benchmarks/pretrain_step.py --data-root /data/imagenet --dataset imagenet --workers 16
+    python benchmarks/pretrain_step.py --device cuda --skip-loader --compile --profile   # where the time goes
 """
 from __future__ import annotations
 
@@ -56,13 +57,71 @@ def _median_issue_time(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def summarise_trace(trace: dict, steps: int, rows: int = 20) -> str:
+    """Per-step time by phase and the busiest kernels from a ``torch.profiler`` Chrome trace.
+
+    GPU (the trace has kernels): each kernel is charged to the ``cgh.*`` range (``train_step``'s
+    phases) or optimizer range whose device-side span contains its start; kernels in none are the
+    backward pass, which autograd launches from its own thread, outside the step's ranges. CPU: the
+    wall time of each range (the CPU backward runs inside ``cgh.backward``)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    phases: dict[str, float] = {}
+    lines = []
+    if kernels:
+        spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                       if e.get("cat") == "gpu_user_annotation")
+        by_kernel: dict[str, list[float]] = {}
+        for k in kernels:
+            phase = next((name for start, end, name in spans if start <= k["ts"] < end), "no range (backward)")
+            phases[phase] = phases.get(phase, 0.0) + k["dur"]
+            by_kernel.setdefault(k["name"], []).append(k["dur"])
+        busy = sum(k["dur"] for k in kernels)
+        lines.append(f"{busy / steps / 1000:.1f} ms of kernel time per step ({len(kernels) // steps} kernels)")
+    else:
+        for e in events:
+            if e.get("cat") == "user_annotation":
+                phases[e["name"]] = phases.get(e["name"], 0.0) + e["dur"]
+        by_kernel = {}
+        lines.append("wall time per step of each range (no kernels in the trace)")
+    for name, total in sorted(phases.items(), key=lambda item: -item[1]):
+        lines.append(f"  phase {name:<24} {total / steps / 1000:8.2f} ms per step")
+    for name, durations in sorted(by_kernel.items(), key=lambda item: -sum(item[1]))[:rows]:
+        lines.append(f"  {sum(durations) / steps / 1000:8.2f} ms {len(durations) // steps:5d}x  {name[:100]}")
+    return "\n".join(lines)
+
+
+def profile_summary(fn, device: torch.device, steps: int = 3, rows: int = 20, trace: str = "") -> str:
+    """Profile ``steps`` steps of ``fn`` (after one untimed) and summarise them
+    (``summarise_trace``); ``trace``: also keep the Chrome trace there."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace or str(Path(tmp) / "trace.json")
+        prof.export_chrome_trace(path)
+        data = json.loads(Path(path).read_text())
+    return f"profile over {steps} steps: " + summarise_trace(data, steps, rows)
+
+
 def cgh_step_fn(args, device):
     from cgh.train import build_model, load_pretrain_config, param_groups, train_step
 
     overrides = ["output_dir=unused", "data.root=unused", f"model.arch={args.arch}",
                  f"model.queue_size={args.queue_size}", f"optim.batch_size={args.batch_size}",
                  f"run.precision={args.precision}", f"model.teacher_bn={args.teacher_bn}",
-                 f"loss.mode={args.loss_mode}", f"model.hidden_dim={args.hidden_dim}"]
+                 f"loss.mode={args.loss_mode}", f"model.hidden_dim={args.hidden_dim}",
+                 f"run.compile={str(args.compile).lower()}", f"run.compile_mode={args.compile_mode}"]
     cfg = load_pretrain_config(None, overrides)
     model = build_model(cfg, 1, device)
     if args.compile:
@@ -190,6 +249,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (run.compile)")
+    p.add_argument("--profile", action="store_true",
+                   help="print the CGH step's device time by phase and its busiest kernels (torch.profiler)")
+    p.add_argument("--trace", default="", help="with --profile: write the CGH steps' Chrome trace here")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode (run.compile_mode); reduce-overhead = CUDA graphs")
     args = p.parse_args()
@@ -222,6 +284,9 @@ def main() -> None:
     print(f"CGH step:        {cgh * 1000:.1f} ms median ({b / cgh:.1f} img/s), "
           f"host issue time {cgh_issue * 1000:.1f} ms")
     print(f"ratio CGH / supervised: {cgh / sup:.2f}x (target on an H100: <= 1.5x)")
+    if args.profile:
+        print("supervised step, " + profile_summary(sup_fn, device, rows=8))
+        print("CGH step, " + profile_summary(cgh_fn, device, trace=args.trace))
     if not args.skip_loader:
         rate = loader_images_per_s(args)
         verdict = "keeps up with" if rate >= b / cgh else "STARVES"
