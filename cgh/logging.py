@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import sys
+import time
 from pathlib import Path
 
 from cgh.io import atomic_write_text
@@ -64,6 +65,28 @@ class TrainingLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class LoaderWait:
+    """Iterates over ``loader`` and adds up the host time spent waiting for each next batch
+    (``seconds``). The step itself never makes the host wait for the device (no sync), so a large
+    share of an epoch spent here means the input pipeline, not the GPU, sets the pace: logged as
+    ``data_wait`` (raise ``data.num_workers``, or see BENCHMARKS.md on the loader)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.seconds = 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield batch
 
 
 def progress_bar(total: int, epoch: int, epochs: int, enabled: bool):

@@ -29,7 +29,7 @@ from cgh.checkpointing import (find_resume_checkpoint, load_checkpoint, save_che
                                set_rng_state)
 from cgh.config import load_config, save_config, to_dict
 from cgh.errors import CghError
-from cgh.logging import TrainingLogger, progress_bar
+from cgh.logging import LoaderWait, TrainingLogger, progress_bar
 from cgh.records import RunTimer, write_record
 from cgh.schedules import scaled_lr, teacher_momentum, warmup_cosine_lr
 
@@ -511,7 +511,8 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
     n_steps, images, t0 = 0, 0, time.perf_counter()
     log_every = max(1, cfg.monitor.log_every)
     scalars = {}
-    for i, batch in enumerate(loader):
+    waiting = LoaderWait(loader)
+    for i, batch in enumerate(waiting):
         step = epoch * steps_per_epoch + i
         loss, out = train_step(model, core, batch, optimizer, scaler, cfg, step, total_steps, steps_per_epoch,
                                device, peak_lr, augment)
@@ -533,11 +534,13 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
         if (i + 1) % log_every == 0:
             if bool(bad):  # the one host sync of a logging interval
                 raise _diverged(epoch, step, last_ckpt)
-            rate = images / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            rate, wait = images / seconds, waiting.seconds / seconds
             cur = {k: float(v) / n_steps for k, v in sums.items()}
-            bar.set_postfix(loss=f"{cur['total']:.4f}", img_s=f"{rate:.0f}", lr=f"{loss['lr']:.3g}")
+            bar.set_postfix(loss=f"{cur['total']:.4f}", img_s=f"{rate:.0f}", data_wait=f"{wait:.0%}",
+                            lr=f"{loss['lr']:.3g}")
             logger.scalars(step, {**{("loss" if k == "total" else k): v for k, v in cur.items()}, **scalars,
-                                  "img_per_s": rate})
+                                  "img_per_s": rate, "data_wait": wait})
         bar.update(1)
     bar.close()
     # one reduction of everything this epoch accumulated
@@ -555,6 +558,7 @@ def _train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, steps_per_e
     row.update(scalars)
     elapsed = time.perf_counter() - t0
     row["img_per_s"] = round(images / elapsed, 2) if elapsed > 0 else None
+    row["data_wait"] = round(waiting.seconds / elapsed, 4) if elapsed > 0 else None   # share of the epoch
     row["skipped_images"] = int(packed[len(keys) + 1].item())
     # Collapse check (once per epoch): how many directions the teacher's keys in the queues use.
     # The queues are identical on every process and only rank 0 logs, so only rank 0 computes it.

@@ -100,6 +100,8 @@ def test_run_outputs_then_nan_stops_and_keeps_last_checkpoint(tmp_path, synth, c
         assert hist[0][f"queue_rank_{branch}"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
     # the truncated file was passed over once per epoch and counted
     assert rec["extra"]["skipped_images"] == 1 and hist[0]["skipped_images"] == 1
+    # num_workers=0: the main process decodes and augments every batch, so it waits for data part of the time
+    assert 0 < hist[0]["data_wait"] < 1
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "loss", "gh", "hg", "lr", "knn_top1", "pos_recall", "skipped_images", "queue_rank_global",
             "queue_rank_hyper"} <= set(header)
@@ -157,3 +159,25 @@ def test_train_step_has_no_host_sync_on_cuda(teacher_bn):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss["total"]).item()
+
+
+def test_loader_wait_counts_only_the_time_spent_fetching_batches():
+    """``data_wait``'s clock: sleeps inside the loader are counted, the consumer's are not."""
+    import time
+
+    from cgh.logging import LoaderWait
+
+    class SlowLoader:
+        def __iter__(self):
+            for i in range(4):
+                time.sleep(0.03)
+                yield i
+
+    waiting = LoaderWait(SlowLoader())
+    start, seen = time.perf_counter(), []
+    for batch in waiting:
+        seen.append(batch)
+        time.sleep(0.05)   # the "step"
+    elapsed = time.perf_counter() - start
+    assert seen == [0, 1, 2, 3]
+    assert 4 * 0.03 <= waiting.seconds <= elapsed - 4 * 0.05
