@@ -72,7 +72,7 @@ class DataConfig:
     image_size: int = 224                      # teacher / main student view size
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     multi_crop: bool = False                   # authors' multi-crop: 4 extra small student crops
-    num_workers: int = 8                       # per process
+    num_workers: int = -1                      # per process; -1 = one per CPU of this process's share (eval.features.default_num_workers)
     strict_images: bool = False                # corrupt image: false = skip and count, true = fatal
     gpu_augment: str = "auto"                  # student photometric aug on the device: auto (= on CUDA) | true | false
 
@@ -213,6 +213,7 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
     """Fail before any data is read when the config cannot work."""
     from cgh.losses import MODES, SCHEDULES
     from cgh.model import CGHModel, check_layers
+    from eval.features import resolve_num_workers
 
     b = cfg.optim.batch_size
     if b <= 0 or b % world:
@@ -231,6 +232,7 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         raise CghError(f"optim.momentum_schedule '{cfg.optim.momentum_schedule}' unknown; expected constant or cosine")
     if cfg.optim.epochs < 1:
         raise CghError(f"optim.epochs must be >= 1 (got {cfg.optim.epochs})")
+    resolve_num_workers(cfg.data.num_workers)
 
 
 def resolve_gpu_augment(cfg: DataConfig, device: torch.device) -> bool:
@@ -282,7 +284,7 @@ class KnnMonitor:
 
     def __init__(self, cfg: PretrainConfig, device: torch.device):
         from cgh.data.pretrain_dataset import SkipCorruptDataset
-        from eval.features import build_split, eval_transform
+        from eval.features import build_split, eval_transform, resolve_num_workers
 
         m = cfg.monitor
         name, root = m.knn_dataset or cfg.data.dataset, m.knn_root or cfg.data.root
@@ -296,7 +298,7 @@ class KnnMonitor:
         self.val = SkipCorruptDataset(build_split(name, root, m.knn_val_split, None), tf, strict)
         self.k = min(m.knn_k, len(self.train))
         self.temperature = m.knn_temperature
-        self.workers = cfg.data.num_workers
+        self.workers = resolve_num_workers(cfg.data.num_workers)
         self.device = device
 
     def __call__(self, backbone: torch.nn.Module) -> float:
@@ -409,6 +411,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, timer: RunTimer) -> Path:
+    from eval.features import resolve_num_workers
+
     check_config(cfg, world)
     gpu_augment = resolve_gpu_augment(cfg.data, device)
     out_dir = Path(cfg.output_dir)
@@ -459,7 +463,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, 
 
     logger = TrainingLogger(out_dir, enabled=main, history=history, purge_step=start_epoch * steps_per_epoch,
                             tensorboard=cfg.run.tensorboard)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=resolve_num_workers(cfg.data.num_workers),
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator())
     last_ckpt = resumed_from

@@ -43,6 +43,28 @@ def test_unknown_compile_mode(tmp_path, synth):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def test_num_workers_minus_one_shares_this_process_cpus(tmp_path, synth, monkeypatch):
+    """``num_workers: -1`` (ImageNet config, eval protocols): $CGH_NUM_WORKERS if set, else this
+    process's share of its CPUs less one for the main process, at most 32."""
+    from eval.features import resolve_num_workers
+
+    monkeypatch.delenv("CGH_NUM_WORKERS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_num_workers(-1) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")    # torchrun, 8 processes on this node
+    assert resolve_num_workers(-1) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(512)))
+    assert resolve_num_workers(-1) == 32 and resolve_num_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert resolve_num_workers(-1) == 0
+    monkeypatch.setenv("CGH_NUM_WORKERS", "5")
+    assert resolve_num_workers(-1) == 5
+    with pytest.raises(CghError, match=r"num_workers must be >= 0, or -1.*got -2"):
+        pretrain(_cfg(synth, tmp_path / "o", "data.num_workers=-2"))
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------- corrupt images
 def _corrupt_copy(synth, dst):
     """A copy of the tiny set whose first training image (class folder order) is truncated."""
