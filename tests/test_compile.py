@@ -154,17 +154,14 @@ def test_compiled_loss_terms_match_eager(mode):
     every mode, with a multi-crop view, gives the eager loss and gradients, through a compiled graph."""
     from torch._dynamo.utils import counters
 
+    from test_losses import unit
+
     from cgh.losses import cgh_loss
 
-    g = torch.Generator().manual_seed(3)
-
-    def unit(*shape):
-        return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
-
     batch, size, dim = 8, 64, 16
-    fixed = {"teacher_global": unit(batch, dim), "teacher_hyper": unit(batch, dim),
-             "queue_global": unit(size, dim), "queue_hyper": unit(size, dim)}
-    students = [unit(batch, dim), unit(batch, dim), unit(batch, dim)]   # global, small crop, hyper
+    fixed = {"teacher_global": unit(batch, dim, seed=1), "teacher_hyper": unit(batch, dim, seed=2),
+             "queue_global": unit(size, dim, seed=3), "queue_hyper": unit(size, dim, seed=4)}
+    students = [unit(batch, dim, seed=5), unit(batch, dim, seed=6), unit(batch, dim, seed=7)]   # global, small crop, hyper
 
     def run(compiled):
         leaves = [s.clone().requires_grad_() for s in students]
