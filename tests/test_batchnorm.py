@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cgh.backbone import build_backbone
-from cgh.batchnorm import (SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single,
+from cgh.batchnorm import (GroupedBatchNorm, SplitBatchNorm2d, batch_shuffle_ddp, batch_shuffle_single,
                            batch_unshuffle_ddp, batch_unshuffle_single, convert_split_batchnorm)
 from cgh.errors import CghError
 
@@ -46,7 +46,7 @@ def test_split_bn_equals_per_group_bn(split_path):
     (y * r).sum().backward()
 
     # Reference: G independent BatchNorms, group j = the j-th block of N/G consecutive samples.
-    means, vars_, grads_w = [], [], []
+    means, vars_, grads_w, grads_b = [], [], [], []
     for j in range(G):
         block = slice(j * N // G, (j + 1) * N // G)
         bn = copy.deepcopy(plain)
@@ -58,13 +58,36 @@ def test_split_bn_equals_per_group_bn(split_path):
         means.append(bn.running_mean)
         vars_.append(bn.running_var)
         grads_w.append(bn.weight.grad)
+        grads_b.append(bn.bias.grad)
     # Running statistics: each group's update, averaged over groups.
     torch.testing.assert_close(split.running_mean, torch.stack(means).mean(0))
     torch.testing.assert_close(split.running_var, torch.stack(vars_).mean(0))
     torch.testing.assert_close(split.weight.grad, torch.stack(grads_w).sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split.bias.grad, torch.stack(grads_b).sum(0), rtol=1e-4, atol=1e-5)
     assert int(split.num_batches_tracked) == 1
     # And it really differs from whole-batch BN.
     assert not torch.allclose(y, copy.deepcopy(plain)(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_grouped_batch_norm_backward_is_the_derivative(affine):
+    """``GroupedBatchNorm``'s hand-written backward (what compiled split-BN differentiates) against
+    finite differences of its forward, in float64, with and without affine parameters; its
+    statistics are each group's mean and biased variance."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 3, 3, 2, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True) if affine else None
+    bias = torch.randn(3, dtype=torch.float64).requires_grad_(True) if affine else None
+    inputs = (x, weight, bias) if affine else (x,)
+
+    def normalised(*args):
+        return GroupedBatchNorm.apply(*(args if affine else (*args, None, None)), 4, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(normalised, inputs)
+    _, mean, var = GroupedBatchNorm.apply(x, weight, bias, 4, 1e-5)
+    blocks = x.detach().view(4, 2, 3, 3, 2)
+    torch.testing.assert_close(mean, blocks.mean(dim=(1, 3, 4)))
+    torch.testing.assert_close(var, blocks.var(dim=(1, 3, 4), unbiased=False))
 
 
 def test_split_bn_eval_uses_running_stats():
