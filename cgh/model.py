@@ -58,6 +58,32 @@ def stage_features(resnet: nn.Module, x: torch.Tensor,
     return torch.flatten(resnet.avgpool(x), 1), maps
 
 
+def _shrink_dim(x: torch.Tensor, dim: int, factor: int) -> torch.Tensor:
+    """Bilinear (``align_corners=False``) shrinking of axis ``dim`` (-2 or -1) by an integer
+    ``factor``: output ``i`` samples input coordinate ``factor * i + (factor - 1) / 2``, which is
+    one input element for an odd factor and the mean of two neighbours for an even one."""
+    if factor == 1:
+        return x
+    grid = x.unflatten(dim, (x.shape[dim] // factor, factor))   # the factor axis is now ``dim``
+    centre = (factor - 1) // 2
+    if factor % 2:
+        return grid.select(dim, centre)
+    return (grid.select(dim, centre) + grid.select(dim, centre + 1)) * 0.5
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, computed by strided slices
+    when ``size`` divides the input's size (ResNet stages: 2x, 4x, 8x). The same numbers, but its
+    backward is a strided add instead of interpolate's scatter (which took 1.5 ms per compiled R50
+    step on an H100)."""
+    height, width = x.shape[-2:]
+    if (height, width) == tuple(size):
+        return x
+    if height % size[0] or width % size[1]:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return _shrink_dim(_shrink_dim(x, -2, height // size[0]), -1, width // size[1])
+
+
 class ProjectionHead(nn.Sequential):
     """Two-layer MLP ``Linear -> ReLU -> Linear`` without BN, as ReSSL's and CGH's projectors."""
 
@@ -94,10 +120,8 @@ class HypercolumnHead(nn.Module):
     @staticmethod
     def hypercolumn(maps: list[torch.Tensor]) -> torch.Tensor:
         """``[B, sum C_l, h, w]`` with ``(h, w)`` the size of the last map."""
-        size = maps[-1].shape[-2:]
-        return torch.cat([m if m.shape[-2:] == size else
-                          F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                          for m in maps], dim=1)
+        size = tuple(maps[-1].shape[-2:])
+        return torch.cat([resize_bilinear(m, size) for m in maps], dim=1)
 
     def context(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The hypercolumn context ``h^h`` ``[B, channels]``."""

@@ -12,7 +12,7 @@ from cgh.backbone import backbone_state_dict, build_backbone, load_backbone_weig
 from cgh.batchnorm import SplitBatchNorm2d
 from cgh.errors import CghError
 from cgh.losses import cgh_loss
-from cgh.model import STAGES, CGHModel, HypercolumnHead, stage_channels, stage_features
+from cgh.model import STAGES, CGHModel, HypercolumnHead, resize_bilinear, stage_channels, stage_features
 
 SMALL = dict(dim=16, hidden_dim=32, queue_size=32)
 
@@ -55,6 +55,28 @@ def test_hypercolumn_shapes(arch, channels, layers):
         head = HypercolumnHead(expected_c, 32, 24, 16).eval()
         assert head.context(maps).shape == (2, 32)
         assert head(maps).shape == (2, 16)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((56, 56), (7, 7)), ((28, 28), (7, 7)), ((14, 14), (7, 7)),
+                                               ((15, 12), (5, 4)), ((8, 6), (4, 2)), ((13, 13), (7, 7))])
+def test_resize_bilinear_equals_interpolate(size_in, size_out):
+    """The hypercolumn's strided-slice resize is bilinear interpolation (align_corners=False):
+    values and input gradients equal F.interpolate's for even, odd and mixed integer factors, and
+    for a size that does not divide (13 -> 7, where it falls back to F.interpolate itself). The
+    hypercolumn of channels_last maps stays channels_last (else its 1x1 conv gets a layout copy)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size_in, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 3, *size_out, dtype=torch.float64)
+    got_x, want_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got = resize_bilinear(got_x, size_out)
+    want = F.interpolate(want_x, size=size_out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want)
+    (got * r).sum().backward()
+    (want * r).sum().backward()
+    torch.testing.assert_close(got_x.grad, want_x.grad)
+    last = torch.randn(2, 4, *size_out, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert HypercolumnHead.hypercolumn([x, last]).is_contiguous(memory_format=torch.channels_last)
+    assert resize_bilinear(x, size_in) is x
 
 
 def test_model_hypercolumn_input_width_follows_layers():
