@@ -9,7 +9,9 @@ Temperatures belong to the embedding, identically in every mode: student global 
 teacher global ``tau_t`` (0.04), hypercolumn (student or teacher) ``tau_h`` (0.08).
 
 Similarities, softmax and log-softmax are computed in float32 even under bf16 autocast: the
-teacher's temperature of 0.04 multiplies any rounding error of the similarities by 25.
+teacher's temperature of 0.04 multiplies any rounding error of the similarities by 25. On CUDA
+the similarity products may use TF32 (``run.tf32``, ``cgh.train.setup_tf32``): 10 mantissa bits
+like the authors' fp16, 8x finer than bf16.
 """
 from __future__ import annotations
 

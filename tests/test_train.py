@@ -43,6 +43,21 @@ def test_unknown_compile_mode(tmp_path, synth):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+def test_run_tf32_sets_cuda_matmul_precision(tmp_path, synth):
+    """``run.tf32`` (default on) is what a run sets for CUDA float32 matmuls, the loss's
+    similarity products under autocast; ``run.tf32=false`` keeps them full float32."""
+    assert load_pretrain_config(None, ["output_dir=o", "data.root=r"]).run.tf32 is True
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        pretrain(_cfg(synth, tmp_path / "off", "run.tf32=false", "optim.epochs=1", "monitor.knn_every=0"))
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        pretrain(_cfg(synth, tmp_path / "on", "optim.epochs=1", "monitor.knn_every=0"))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_num_workers_minus_one_shares_this_process_cpus(tmp_path, synth, monkeypatch):
     """``num_workers: -1`` (ImageNet config, eval protocols): $CGH_NUM_WORKERS if set, else this
     process's share of its CPUs less one for the main process, at most 32."""
