@@ -212,7 +212,7 @@ def two_view_dataset(args, gpu_augment: bool):
         base = build_classification_dataset(args.dataset, args.data_root, "train", None)
     else:
         base = RandomImages(args.batch_size * (args.loader_batches + 2), int(args.image_size * 1.15))
-    return PretrainDataset(base, build_transform(_data_config(args), gpu_augment))
+    return PretrainDataset(base, build_transform(_data_config(args), gpu_augment), tensor_images=gpu_augment)
 
 
 def loader_images_per_s(args, gpu_augment: bool = False) -> float:

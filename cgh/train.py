@@ -268,7 +268,8 @@ def build_dataset(cfg: PretrainConfig, gpu_augment: bool = False):
     if len(base) < cfg.optim.batch_size:
         raise CghError(f"{cfg.data.dataset} split '{cfg.data.split}' at {cfg.data.root} has {len(base)} images, "
                        f"fewer than one global batch ({cfg.optim.batch_size})")
-    return PretrainDataset(base, build_transform(cfg.data, gpu_augment), strict_images=cfg.data.strict_images)
+    return PretrainDataset(base, build_transform(cfg.data, gpu_augment), strict_images=cfg.data.strict_images,
+                           tensor_images=gpu_augment)
 
 
 def train_config_summary(cfg: PretrainConfig) -> dict:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _helpers_data import TINY
 from cgh.cli import main as cgh_main
 from cgh.data import subsets
 from cgh.data.datasets import (CorruptImageError, build_classification_dataset, check_coco_root,
-                               check_seg_root, check_voc_root, open_image)
+                               check_seg_root, check_voc_root, decode_image_tensor, open_image)
 from cgh.data.synth import generate
 from cgh.errors import DatasetError
 
@@ -88,6 +89,30 @@ def test_torchvision_formats_missing_or_corrupt(tmp_path, name, folder, first):
         (tmp_path / folder / f).write_bytes(b"not the real file")
     with pytest.raises(DatasetError, match="integrity"):
         build_classification_dataset(name, tmp_path / folder, "train")   # the data folder itself works too
+
+
+def test_decode_image_tensor_gives_pils_pixels_and_names_corrupt_files(tmp_path):
+    """The GPU path's decoder (torchvision.io, PIL for what it cannot read) gives exactly the RGB
+    pixels PIL gives, as uint8 [3, H, W]: JPEG (colour and grayscale), PNG with alpha, and TIFF through
+    the PIL fallback; broken and missing files fail as ``open_image`` fails, naming the file."""
+    rng = np.random.default_rng(0)
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((40, 30), Image.BICUBIC))
+    files = {"photo.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
+             "alpha.png": Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (30, 40, 1), dtype=np.uint8)])),
+             "scan.tiff": Image.fromarray(rgb)}
+    for name, image in files.items():
+        image.save(tmp_path / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+        got = decode_image_tensor(tmp_path / name)
+        assert got.dtype == torch.uint8 and got.shape == (3, 30, 40), name
+        want = torch.from_numpy(np.array(open_image(tmp_path / name))).permute(2, 0, 1)
+        assert torch.equal(got, want), name   # the same libjpeg-turbo decoding, bit for bit
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "photo.jpg").read_bytes()[:300])
+    (tmp_path / "text.jpg").write_text("hello")
+    for name in ("truncated.jpg", "text.jpg"):
+        with pytest.raises(CorruptImageError, match=name):
+            decode_image_tensor(tmp_path / name)
+    with pytest.raises(DatasetError, match="missing.jpg"):
+        decode_image_tensor(tmp_path / "missing.jpg")
 
 
 def test_open_image_names_corrupt_files(tmp_path):

@@ -90,19 +90,23 @@ def _corrupt_copy(synth, dst):
     return dst, victim
 
 
-def test_corrupt_image_skipped_and_counted_or_fatal(tmp_path, synth):
+@pytest.mark.parametrize("tensor_images", [False, True])   # PIL images, or uint8 tensors (GPU path)
+def test_corrupt_image_skipped_and_counted_or_fatal(tmp_path, synth, tensor_images):
     from cgh.data.datasets import build_classification_dataset
     from cgh.data.pretrain_dataset import PretrainDataset
+
+    def size(img):
+        return tuple(img.shape[:0:-1]) if tensor_images else img.size
 
     root, victim = _corrupt_copy(synth, tmp_path / "bad")
     base = build_classification_dataset("synthshapes", root, "train", None)
     assert base.samples[0][0] == str(victim)
-    ds = PretrainDataset(base, transform=lambda img: img.size)
-    size, label, index, skipped = ds[0]
+    ds = PretrainDataset(base, transform=size, tensor_images=tensor_images)
+    got_size, label, index, skipped = ds[0]
     # replaced deterministically by the next image (same batch size), and counted
-    assert (index, skipped, label) == (1, 1, base.samples[1][1]) and size == (32, 32)
+    assert (index, skipped, label) == (1, 1, base.samples[1][1]) and got_size == (32, 32)
     assert ds[0] == ds[0] and ds[2][2:] == (2, 0)
-    strict = PretrainDataset(base, transform=lambda img: img.size, strict_images=True)
+    strict = PretrainDataset(base, transform=size, strict_images=True, tensor_images=tensor_images)
     with pytest.raises(DatasetError, match=victim.name):
         strict[0]
 

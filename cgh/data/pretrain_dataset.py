@@ -25,12 +25,16 @@ class PretrainDataset(Dataset):
     ``base`` is an ImageFolder-like dataset (``.samples`` of (path, label): files are opened here
     through ``cgh.data.datasets.open_image`` so corruption is detected) or any dataset yielding
     (PIL image, label) (in-memory formats such as STL-10 or CIFAR cannot hold corrupt files).
+    ``tensor_images``: files are decoded to uint8 tensors (``decode_image_tensor``) instead of PIL
+    images, for the GPU augmentation path, whose worker transforms take either.
     """
 
-    def __init__(self, base: Dataset, transform: Callable, strict_images: bool = False):
+    def __init__(self, base: Dataset, transform: Callable, strict_images: bool = False,
+                 tensor_images: bool = False):
         self.base = base
         self.transform = transform
         self.strict_images = strict_images
+        self.tensor_images = tensor_images
         self.samples = getattr(base, "samples", None)
         self.targets = [int(t) for t in getattr(base, "targets", [s[1] for s in self.samples or []])]
         self.classes = list(getattr(base, "classes", []))
@@ -42,10 +46,10 @@ class PretrainDataset(Dataset):
         if self.samples is None:
             image, label = self.base[index]
             return image, int(label)
-        from cgh.data.datasets import open_image
+        from cgh.data.datasets import decode_image_tensor, open_image
 
         path, label = self.samples[index]
-        return open_image(path), int(label)
+        return (decode_image_tensor if self.tensor_images else open_image)(path), int(label)
 
     def __getitem__(self, index: int):
         from cgh.data.datasets import CorruptImageError
