@@ -11,13 +11,15 @@ points and a difference of two ~2.2, so 10 points is ~4.5 sigma.
 
 MEASURED (kNN top-1 %, best of k in {10, 20, 50}; 64 epochs of batch 32, lr 0.1, InfoNCE warm-up
 32 epochs; 170-210 s of pretraining on 2 CPU threads):
-  this fixture (seed 0, 2 threads): trained 45.2 at 64 px, random init 28.5: +16.7; seeds 1 and 3
-  of the same config: +17.1 and +14.2; the fixture's run on 1 thread (other float32 rounding, so
-  another trajectory) passed too.
+  this fixture (seed 0, 2 threads): trained 45.3 at 64 px, random init 28.5: +16.8 (45.2 before
+  the hypercolumn resize of 2026-11-23 changed float32 rounding, hence the trajectory); seeds 1
+  and 3 of the same config: +17.1 and +14.2; the fixture's run on 1 thread (other float32
+  rounding, so another trajectory) passed too.
   the same config on a grey variant of the data (generated before the final generator), 8 seeds
   on CPU: +10.8 to +21.7 for seven seeds, -5.7 for one, whose relational phase collapsed.
 Not asserted: the gain at the 32 px the demo trains at, where ResNet-18's last stage is a 1x1 map.
-It is smaller and unreliable (+9.3, +9.6, +7.3 for seeds 0, 1, 3; +1.9 for the 1-thread run;
+It is smaller and unreliable (+9.3, +9.6, +7.3 for seeds 0, 1, 3; +12.2 for seed 0 since the resize
+change; +1.9 for the 1-thread run;
 -12.5 to +13.7 on the variant); ``benchmarks/learning_signal.py --sizes 32 64`` reports it.
 Before the grey images (colour random per image) no run of any length, on CPU or GPU, beat
 random init: the queue collapsed onto the colour directions. README "Learning signal on
