@@ -44,12 +44,11 @@ def _median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _back_to_back_time(fn, steps: int, warmup: int, device: torch.device, window: int = 10) -> float:
+def _back_to_back_time(fn, steps: int, device: torch.device, window: int = 10) -> float:
     """Median over windows of ``window`` consecutive steps of the mean step time, with one sync
     per window: how the training loop runs (it never waits for the GPU), so host work that
-    overlaps the previous step's kernels is not counted, unlike ``_median_time``'s per-step sync."""
-    for _ in range(warmup):
-        fn()
+    overlaps the previous step's kernels is not counted, unlike ``_median_time``'s per-step sync.
+    Run after ``_median_time``, whose steps warmed ``fn`` up."""
     times = []
     for _ in range(max(1, steps // window)):
         _sync(device)
@@ -297,8 +296,8 @@ def main() -> None:
     cgh = _median_time(cgh_fn, args.steps, args.warmup, device)
     sup_issue = _median_issue_time(sup_fn, args.steps, device)
     cgh_issue = _median_issue_time(cgh_fn, args.steps, device)
-    sup_run = _back_to_back_time(sup_fn, 3 * args.steps, 0, device)
-    cgh_run = _back_to_back_time(cgh_fn, 3 * args.steps, 0, device)
+    sup_run = _back_to_back_time(sup_fn, 3 * args.steps, device)
+    cgh_run = _back_to_back_time(cgh_fn, 3 * args.steps, device)
     b = args.batch_size
     print(f"supervised step: {sup * 1000:.1f} ms median ({b / sup:.1f} img/s), "
           f"host issue time {sup_issue * 1000:.1f} ms; back to back {sup_run * 1000:.1f} ms ({b / sup_run:.1f} img/s)")

@@ -104,8 +104,8 @@ class CropFlip:
             return self.to_tensor(self.flip(self.crop(img)))
         top, left, height, width = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
         view = img[None, :, top:top + height, left:left + width]
-        out = F.interpolate(view, size=self.crop.size, mode="bilinear", antialias=True, align_corners=False)[0]
-        return out.flip(-1) if torch.rand(1) < self.flip.p else out
+        return self.flip(F.interpolate(view, size=self.crop.size, mode="bilinear", antialias=True,
+                                       align_corners=False)[0])
 
 
 class GpuStudentView:
