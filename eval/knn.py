@@ -36,6 +36,11 @@ CPU_CHUNK_ROWS = 1024
 CPU_GEMM_COLUMNS = 16384
 # The candidate selection cuts each row of similarities into this many strided blocks (see _top_m).
 SELECT_BLOCKS = 8
+# MKL multiplies fewer than this many rows with other kernels, whose float32 sums are ordered
+# differently: on an AMD EPYC, rows of a 1-15 row chunk differed in the last bit from the same rows
+# in a bigger product. A smaller chunk (the last one, or chunk_size < 16) is padded with zero rows,
+# so a test row's similarities never depend on how the test set was chunked.
+MIN_GEMM_ROWS = 16
 U_BF16 = 2.0 ** -8    # unit roundoff of bfloat16 (8 significand bits, round to nearest even)
 U_FP32 = 2.0 ** -24   # unit roundoff of float32
 
@@ -60,6 +65,15 @@ def resolve_precision(precision: str, device: torch.device, n_train: int, n_test
         big = dim >= 512 and n_train * n_test >= 2 ** 26 and n_train >= 4 * m
         return "bf16" if big and bf16_is_fast(device) else "fp32"
     return precision
+
+
+def float32_similarities(query: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """``query @ train.T`` in float32, the same numbers for a row whatever rows it comes with
+    (``MIN_GEMM_ROWS``)."""
+    n = query.shape[0]
+    if n < MIN_GEMM_ROWS:
+        query = torch.cat([query, query.new_zeros(MIN_GEMM_ROWS - n, query.shape[1])])
+    return (query @ train.T)[:n]
 
 
 def _gamma(n: int) -> float:
@@ -160,7 +174,7 @@ class _Bf16Search:
                 failed = failed[still]
         if failed.numel():
             self.fallback_rows += int(failed.numel())
-            sim[failed], idx[failed] = (query[failed] @ self.train.T).topk(k, dim=1)
+            sim[failed], idx[failed] = float32_similarities(query[failed], self.train).topk(k, dim=1)
         return sim, idx
 
     def _certified_topk(self, query: torch.Tensor, sim_bf16: torch.Tensor, delta: torch.Tensor, k: int, m: int
@@ -272,7 +286,7 @@ def nearest_neighbours(train_features: torch.Tensor, test_features: torch.Tensor
     for start in range(0, test_features.shape[0], chunk_size):
         query = _unit_rows(test_features[start:start + chunk_size].to(train.device, torch.float32))
         if search is None:
-            sim, idx = (query @ train.T).topk(k, dim=1)
+            sim, idx = float32_similarities(query, train).topk(k, dim=1)
         else:
             sim, idx = search.topk(query, k)
             if stats is not None:
