@@ -2,11 +2,15 @@
 
 ``NAME.safetensors`` holds the backbone in torchvision ResNet key names (no ``fc``); the sidecar
 ``NAME.json`` says what it is (architecture, method, epoch, training config, the sha256 of the
-training checkpoint it came from). safetensors holds tensors only, so reading it runs no code.
+training checkpoint it came from, and the sha256 of ``NAME.safetensors`` itself). safetensors holds
+tensors only, so reading it runs no code.
+
+The pair is written tensors first, sidecar second: a crash in between leaves new tensors beside the
+old sidecar, so a reader checks the sidecar's ``sha256`` against the tensor file and refuses a pair
+that does not match. The sidecar is read as inert, bounded JSON (``cgh.inert``).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,10 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from cgh.backbone import infer_arch
 from cgh.errors import CghError
-from cgh.io import atomic_path, atomic_write_json, sha256_file
+from cgh.inert import check_summary, inert_copy
+from cgh.io import atomic_path, atomic_write_json, read_json_file, sha256_file
 
 FORMAT = "cgh-canonical"
 FORMAT_VERSION = 1
+SIDECAR_LIMIT = 1 << 20   # bytes; a real sidecar is about 1 KB
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -57,6 +63,32 @@ def save_canonical(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     return path
 
 
+def read_sidecar(path: str | os.PathLike, sha256: str | None = None) -> dict | None:
+    """The sidecar of tensor file ``path`` (None when there is none), checked to describe that very
+    file: ``sha256`` is the file's hash when the caller has it already (else it is computed)."""
+    path, side = Path(path), sidecar_path(path)
+    if not os.path.lexists(side):
+        return None
+    meta = read_json_file(side, SIDECAR_LIMIT)
+    if not isinstance(meta, dict):
+        raise CghError(f"sidecar {side} is a JSON {type(meta).__name__}, not an object")
+    try:
+        meta = inert_copy(meta)
+        if meta.get("train_config") is not None:
+            meta["train_config"] = check_summary(meta["train_config"])
+    except CghError as e:
+        raise CghError(f"sidecar {side} {e}") from None
+    for key, ok in (("method", lambda v: isinstance(v, str)),
+                    ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool))):
+        if meta.get(key) is not None and not ok(meta[key]):
+            raise CghError(f"sidecar {side}: '{key}' is a {type(meta[key]).__name__}")
+    recorded, actual = meta.get("sha256"), sha256 or sha256_file(path)
+    if recorded != actual:
+        raise CghError(f"sidecar {side} describes another tensor file (sha256 {str(recorded)[:16]}... vs "
+                       f"{actual[:16]}...): the pair is inconsistent, re-export or delete the sidecar")
+    return meta
+
+
 def load_canonical(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a canonical checkpoint; the sidecar is optional (its absence gives minimal metadata)."""
     path = Path(path)
@@ -66,8 +98,7 @@ def load_canonical(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         tensors = load_file(str(path))
     except Exception as e:
         raise CghError(f"{path}: not a readable safetensors file ({e})") from None
-    side = sidecar_path(path)
-    meta = json.loads(side.read_text()) if side.is_file() else {"format": FORMAT}
+    meta = read_sidecar(path) or {"format": FORMAT}
     meta.setdefault("arch", infer_arch(tensors))
     meta.setdefault("method", "unknown")
     return tensors, meta

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from cgh.errors import CghError
+from cgh.io import disk_full_cause
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except (CghError, FileNotFoundError) as e:
         print(f"cgh {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:   # a full disk under a third-party writer (detectron2, mmengine)
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        where = getattr(cause, "filename", None)
+        print(f"cgh {args.command}: error: no space left on the device"
+              f"{f' to write {where}' if where else ''} ({type(cause).__name__}: {cause})", file=sys.stderr)
         return 2
 
 

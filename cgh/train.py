@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader, Sampler
 from cgh import distributed as D
 from cgh.checkpointing import (find_resume_checkpoint, load_checkpoint, save_checkpoint,
                                set_rng_state)
-from cgh.config import load_config, save_config, to_dict
+from cgh.config import bounded, load_config, save_config, to_dict
 from cgh.errors import CghError
 from cgh.logging import LoaderWait, TrainingLogger, progress_bar
 from cgh.records import RunTimer, write_record
+from cgh.run_folder import claimed_run_folder, run_identity
 from cgh.schedules import scaled_lr, teacher_momentum, warmup_cosine_lr
 
 METHODS = ("cgh", "ressl", "cgh-same", "cgh-pred")
@@ -42,26 +43,26 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class ModelConfig:
     arch: str = "resnet50"                     # any torchvision ResNet of cgh.backbone.ARCHS
     layers: list[str] = field(default_factory=lambda: ["layer3", "layer4"])  # hypercolumn stages
-    dim: int = 512                             # embedding size of both projectors
-    hidden_dim: int = 4096                     # projector hidden width
-    hyper_channels: int = 0                    # 1x1 conv width of the hypercolumn; 0 = pooled width
-    queue_size: int = 131072                   # authors: 65536 * 2; multiple of the global batch
+    dim: int = bounded(512, ge=1)              # embedding size of both projectors
+    hidden_dim: int = bounded(4096, ge=1)      # projector hidden width
+    hyper_channels: int = bounded(0, ge=0)     # 1x1 conv width of the hypercolumn; 0 = pooled width
+    queue_size: int = bounded(131072, ge=1)    # authors: 65536 * 2; multiple of the global batch
     predictor: bool = False                    # CGH-pred: predictor MLP on the student's global branch
-    predictor_hidden: int = 4096
+    predictor_hidden: int = bounded(4096, ge=1)
     teacher_bn: str = "auto"                   # auto = shuffle under DDP, split on one process; or split|shuffle|plain
-    bn_splits: int = 8                         # split-BN groups on one device (authors: 8)
+    bn_splits: int = bounded(8, ge=1)          # split-BN groups on one device (authors: 8)
     sync_bn: bool = False                      # synchronise every plain BN over processes (off in the authors' code)
 
 
 @dataclass
 class LossConfig:
     mode: str = "cross"                        # cross (CGH) | same | global (= ReSSL)
-    tau_s: float = 0.1                         # student global temperature
-    tau_t: float = 0.04                        # teacher global temperature
-    tau_h: float = 0.08                        # hypercolumn temperature (paper Table 6)
+    tau_s: float = bounded(0.1, gt=0)          # student global temperature
+    tau_t: float = bounded(0.04, gt=0)         # teacher global temperature
+    tau_h: float = bounded(0.08, gt=0)         # hypercolumn temperature (paper Table 6)
     schedule: str = "authors"                  # authors: 5-epoch InfoNCE warm-up, weights 0.5; paper: plain sum
-    warmup_epochs: float = 5.0                 # length of the authors' InfoNCE -> cross-context warm-up
-    infonce_temperature: float = 0.2
+    warmup_epochs: float = bounded(5.0, ge=0)  # length of the authors' InfoNCE -> cross-context warm-up
+    infonce_temperature: float = bounded(0.2, gt=0)
 
 
 @dataclass
@@ -69,8 +70,8 @@ class DataConfig:
     dataset: str = "imagenet"                  # a name of cgh.data.datasets.build_classification_dataset
     root: str = MISSING
     split: str = "train"
-    image_size: int = 224                      # teacher / main student view size
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    image_size: int = bounded(224, ge=1)       # teacher / main student view size
+    crop_scale: list[float] = bounded(factory=lambda: [0.2, 1.0], gt=0, le=1)   # RandomResizedCrop area range
     multi_crop: bool = False                   # authors' multi-crop: 4 extra small student crops
     num_workers: int = -1                      # per process; -1 = one per CPU of this process's share (eval.features.default_num_workers)
     strict_images: bool = False                # corrupt image: false = skip and count, true = fatal
@@ -79,31 +80,31 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 200
-    batch_size: int = 256                      # global batch; split evenly over processes
-    base_lr: float = 0.05                      # lr = base_lr * batch_size / 256
-    final_lr: float = 0.0
-    weight_decay: float = 1e-4                 # not applied to BatchNorm parameters and biases
-    momentum: float = 0.9
-    warmup_epochs: float = 5.0                 # linear lr warm-up, then cosine
-    teacher_momentum: float = 0.999            # EMA momentum of the teacher
+    epochs: int = bounded(200, ge=1)
+    batch_size: int = bounded(256, ge=1)       # global batch; split evenly over processes
+    base_lr: float = bounded(0.05, gt=0)       # lr = base_lr * batch_size / 256
+    final_lr: float = bounded(0.0, ge=0)
+    weight_decay: float = bounded(1e-4, ge=0)  # not applied to BatchNorm parameters and biases
+    momentum: float = bounded(0.9, ge=0, le=1)
+    warmup_epochs: float = bounded(5.0, ge=0)  # linear lr warm-up, then cosine
+    teacher_momentum: float = bounded(0.999, ge=0, le=1)   # EMA momentum of the teacher
     momentum_schedule: str = "constant"        # constant (authors) | cosine (increase to 1)
 
 
 @dataclass
 class MonitorConfig:
-    knn_every: int = 10                        # online kNN every N epochs (and at the end); 0 = off
+    knn_every: int = bounded(10, ge=0)         # online kNN every N epochs (and at the end); 0 = off
     knn_dataset: str = ""                      # "" = data.dataset
     knn_root: str = ""                         # "" = data.root
     knn_train_split: str = "train"             # memory bank of the monitor
     knn_val_split: str = "val"                 # held-out split it is scored on
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    knn_resize: int = 256
-    knn_crop: int = 224
-    knn_max_train: int = 0                     # 0 = whole split; else an evenly spaced subset (speed)
-    positive_thresholds: list[float] = field(default_factory=lambda: [1e-3])  # on teacher probabilities (Fig. 2)
-    log_every: int = 50                        # steps between progress updates (host syncs)
+    knn_k: int = bounded(20, ge=1)
+    knn_temperature: float = bounded(0.07, gt=0)
+    knn_resize: int = bounded(256, ge=1)
+    knn_crop: int = bounded(224, ge=1, le="knn_resize")
+    knn_max_train: int = bounded(0, ge=0)      # 0 = whole split; else an evenly spaced subset (speed)
+    positive_thresholds: list[float] = bounded(factory=lambda: [1e-3], ge=0, le=1)  # on teacher probabilities (Fig. 2)
+    log_every: int = bounded(50, ge=1)         # steps between progress updates (host syncs)
 
 
 @dataclass
@@ -114,10 +115,10 @@ class RunConfig:
     compile: bool = False                      # torch.compile of the model and loss terms (on in the GPU configs; H100 R50 split-BN: 71 vs 153-195 ms per step)
     compile_mode: str = "default"              # its mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     tf32: bool = True                          # CUDA float32 matmuls (under bf16/fp16 autocast: the loss's similarities) on TF32 tensor cores, 10-bit mantissa like the authors' fp16; false = full float32
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     deterministic: bool = False                # deterministic algorithms (exact resume on CPU holds either way)
-    checkpoint_every: int = 10                 # epochs; the last epoch is always saved
-    keep_last: int = 0                         # keep the newest N checkpoints; 0 = keep all
+    checkpoint_every: int = bounded(10, ge=1)  # epochs; the last epoch is always saved
+    keep_last: int = bounded(0, ge=0)          # keep the newest N checkpoints; 0 = keep all
     progress: bool = True                      # tqdm bar on rank 0
     tensorboard: bool = True
 
@@ -127,6 +128,7 @@ class PretrainConfig:
     method: str = "cgh"                        # name recorded with the exported backbone
     output_dir: str = MISSING
     resume: str = ""                           # "" = fresh start; auto = newest complete checkpoint; or a path
+    overwrite: bool = False                    # output_dir holds another run (or this one, not resumed): move it aside
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -414,8 +416,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     timer = RunTimer()
     device = D.init_distributed(cfg.run.device)
     world, rank = D.world_size(), D.rank()
+    # The folder is bound to these settings; without --resume, this run's own old checkpoints there
+    # are refused too (starting over beside them would let a later resume mix the two runs).
+    identity = run_identity("pretrain", None, to_dict(cfg))
+    fresh_if = () if cfg.resume else ("checkpoints",)
     try:
-        return _pretrain(cfg, device, world, rank, timer)
+        with claimed_run_folder(cfg.output_dir, identity, overwrite=cfg.overwrite, main=rank == 0,
+                                fresh_if=fresh_if):
+            return _pretrain(cfg, device, world, rank, timer)
     finally:
         D.cleanup()
 
@@ -428,7 +436,6 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, 
     out_dir = Path(cfg.output_dir)
     main = rank == 0
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
 
     # Model first (its init draws from the seeded RNG), then data.
@@ -649,6 +656,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None,
                         help="'auto' = continue from the newest complete checkpoint in output_dir; or a path")
     parser.add_argument("--output-dir", default=None, help="shortcut for output_dir=...")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the output folder holds another run (or this one, not resumed): move it aside "
+                        "and start fresh (= overwrite=true)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.epochs=10")
 
 
@@ -662,6 +672,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"resume={args.resume}")
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
     cfg = load_pretrain_config(args.config, overrides)
     path = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0 and path is not None:

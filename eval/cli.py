@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--data-root", help="dataset root (= data_root=...)")
         p.add_argument("--dataset", help="imagenet, tiny-imagenet, stl10, cifar10, cifar100, synthshapes, imagefolder")
         p.add_argument("--output-dir", "-o", help="where result.json goes (= output_dir=...)")
+        p.add_argument("--overwrite", action="store_true", help="the output folder belongs to another run: "
+                       "move it aside and start fresh (= overwrite=true)")
         if name == "linear":
             p.add_argument("--fast", action="store_true", help="train on cached features (protocol linear_fast)")
         if name == "semi":
@@ -41,6 +43,8 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     out = [f"{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag, None)]
     if getattr(args, "fast", False):
         out.append("fast=true")
+    if getattr(args, "overwrite", False):
+        out.append("overwrite=true")
     if getattr(args, "percent", None):
         out.append(f"subset={args.percent}percent")
     if getattr(args, "subset", None):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from cgh.backbone import ArchError, build_backbone, load_backbone_weights
-from cgh.config import ConfigError, save_config, to_dict
+from cgh.config import ConfigError, bounded, save_config, to_dict
 from cgh.distributed import barrier, init_distributed, rank, world_size
 from cgh.errors import DatasetError
 from cgh.io import atomic_path
@@ -49,11 +49,12 @@ class ProtocolConfig:
     data_root: str = MISSING
     train_split: str = "train"
     val_split: str = "val"
-    resize: int = 256                 # evaluation: Resize(resize) + CenterCrop(crop)
-    crop: int = 224
-    batch_size: int = 256             # global batch (split over processes under torchrun)
+    resize: int = bounded(256, ge=1)  # evaluation: Resize(resize) + CenterCrop(crop)
+    crop: int = bounded(224, ge=1, le="resize")
+    batch_size: int = bounded(256, ge=1)   # global batch (split over processes under torchrun)
     num_workers: int = -1             # data loader workers per process; -1 = default_num_workers()
     device: str = "auto"              # auto = this process's GPU if any, else CPU
+    overwrite: bool = False           # output_dir belongs to another run: move it aside, start fresh
 
 
 def open_checkpoint(cfg: ProtocolConfig) -> tuple[nn.Module, LoadedCheckpoint]:

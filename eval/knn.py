@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from cgh.config import ConfigError
+from cgh.config import ConfigError, bounded
 from cgh.records import RunTimer
 from eval.features import (ProtocolConfig, build_split, cached_features, check_same_classes, eval_transform,
                            open_checkpoint, read_as, select_device, workers, write_result)
@@ -325,9 +325,9 @@ def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 @dataclass
 class Config(ProtocolConfig):
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07         # vote weight exp(sim / T), as in InstDisc/DINO and the paper
-    chunk_size: int = 0               # val rows per similarity chunk; 0 = as many as fit SIMILARITY_BUDGET
+    ks: list[int] = bounded(factory=lambda: [10, 20, 100, 200], ge=1)
+    temperature: float = bounded(0.07, gt=0)   # vote weight exp(sim / T), as in InstDisc/DINO and the paper
+    chunk_size: int = bounded(0, ge=0)         # val rows per similarity chunk; 0 = as many as fit SIMILARITY_BUDGET
     precision: str = "auto"           # neighbour search: fp32, or bf16 candidates + float32 re-ranking with
                                       # a proof of equality (exact too); auto = bf16 where it is fast
     cache_dir: Optional[str] = "~/.cache/cgh/features"   # feature cache; "" or null disables it

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgh.backbone import feature_dim
-from cgh.config import ConfigError
+from cgh.config import ConfigError, bounded
 from cgh.records import RunTimer
 from eval.features import (ProtocolConfig, build_split, cached_features, check_same_classes, eval_transform,
                            open_checkpoint, read_as, select_device, train_transform, workers, world,
                            write_result)
 from eval.metrics import topk_accuracy
-from eval.training import cosine_factor, evaluate, fit
+from eval.training import cosine_factor, evaluate, fit, flag_divergence
 
 STATE_NAME = "linear_state.pt"
 
@@ -33,11 +33,11 @@ STATE_NAME = "linear_state.pt"
 @dataclass
 class Config(ProtocolConfig):
     fast: bool = False                # true: protocol "linear_fast" on cached centre-crop features
-    epochs: int = 100
-    lr: float = 0.3                   # PROTOCOLS.md: ImageNet 0.3, small datasets 3.0 (batch 256), no scaling
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0                     # data order / augmentation / head init
+    epochs: int = bounded(100, ge=1)
+    lr: float = bounded(0.3, gt=0)    # PROTOCOLS.md: ImageNet 0.3, small datasets 3.0 (batch 256), no scaling
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    seed: int = bounded(0, ge=0)      # data order / augmentation / head init
     cache_dir: Optional[str] = "~/.cache/cgh/features"   # fast mode's feature cache; "" or null disables it
 
 
@@ -104,6 +104,7 @@ def run(cfg: Config) -> Path:
                       log=_log)
         metrics = evaluate(model, val_ds, batch_size=cfg.batch_size, num_workers=workers(cfg), device=device)
     extra["history"] = history
+    flag_divergence(extra, history, len(classes), _log)
     return write_result(cfg, protocol="linear_fast" if cfg.fast else "linear", checkpoint=ckpt.identity(),
                         dataset={"name": cfg.dataset, "root": str(cfg.data_root), "split": cfg.val_split,
                                  "train_split": cfg.train_split},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,14 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from cgh.backbone import feature_dim
-from cgh.config import ConfigError
+from cgh.config import ConfigError, bounded
 from cgh.data.subsets import SUBSET_SHA256, load_subset, subset_indices
 from cgh.errors import DatasetError
 from cgh.records import RunTimer
 from eval.features import (ProtocolConfig, build_split, check_same_classes, eval_transform, open_checkpoint,
                            select_device, train_transform, workers, world, write_result)
 from eval.linear import new_head
-from eval.training import evaluate, fit, step_factor
+from eval.training import evaluate, fit, flag_divergence, step_factor
 
 STATE_NAME = "semi_state.pt"
 
@@ -34,14 +34,14 @@ STATE_NAME = "semi_state.pt"
 class Config(ProtocolConfig):
     subset: str = "1percent"          # "1percent" / "10percent" / path of a SimCLR-format list
     recipe: str = "authors"           # which recipe the values below follow: "authors" or "paper" (a label)
-    epochs: int = 70
-    backbone_lr: float = 0.005
-    head_lr: float = 0.02
-    milestones: list[int] = field(default_factory=lambda: [30, 60])   # lr x gamma at these epochs
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seed: int = 0
+    epochs: int = bounded(70, ge=1)
+    backbone_lr: float = bounded(0.005, ge=0)
+    head_lr: float = bounded(0.02, gt=0)
+    milestones: list[int] = bounded(factory=lambda: [30, 60], ge=1)   # lr x gamma at these epochs
+    gamma: float = bounded(0.1, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    seed: int = bounded(0, ge=0)
 
 
 def labelled_subset(ds: Dataset, names: list[str], where: str) -> Subset:
@@ -91,13 +91,13 @@ def run(cfg: Config) -> Path:
                   epochs=cfg.epochs, batch_size=cfg.batch_size, num_workers=workers(cfg), device=device,
                   state_module=model, state_path=out / STATE_NAME, identity=identity, seed=cfg.seed, log=_log)
     metrics = evaluate(model, val_ds, batch_size=cfg.batch_size, num_workers=workers(cfg), device=device)
+    extra = {"recipe": cfg.recipe, "num_labelled": len(used), "num_val": len(val_ds),
+             "num_classes": len(classes), "labelled_files_sha256": names_sha256(used), "history": history}
+    flag_divergence(extra, history, len(classes), _log)
     return write_result(cfg, protocol="semi", checkpoint=ckpt.identity(),
                         dataset={"name": cfg.dataset, "root": str(cfg.data_root), "split": cfg.val_split,
                                  "train_split": cfg.train_split, "subset": subset_label(cfg.subset)},
-                        metrics=metrics, started=timer.started, wall_time_s=timer.elapsed,
-                        extra={"recipe": cfg.recipe, "num_labelled": len(used), "num_val": len(val_ds),
-                               "num_classes": len(classes), "labelled_files_sha256": names_sha256(used),
-                               "history": history})
+                        metrics=metrics, started=timer.started, wall_time_s=timer.elapsed, extra=extra)
 
 
 def _log(msg: str) -> None:

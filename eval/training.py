@@ -36,6 +36,35 @@ def step_factor(epoch: int, milestones: list[int], gamma: float = 0.1) -> float:
     return gamma ** sum(epoch >= m for m in milestones)
 
 
+DIVERGENCE_FACTOR = 10.0   # x the loss of guessing uniformly (ln C): an order of magnitude above chance
+
+
+def divergence(history: list[dict], num_classes: int) -> str | None:
+    """Why a classifier's per-epoch loss says its training diverged, or None.
+
+    Guessing uniformly costs ln(C) per image; a head that learns anything stays below that. An epoch
+    whose mean loss is ``DIVERGENCE_FACTOR`` times higher (seen: 100 rising to 1e7 with too high an
+    lr on a weak backbone, top-1 at chance) means the optimiser overshot, and its top-1 must not be
+    ranked as if the backbone were that bad.
+    """
+    chance = math.log(max(num_classes, 2))
+    for row in history:
+        loss = row["loss"]
+        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * chance:
+            first = history[0]["loss"]
+            return (f"training diverged: the mean loss of epoch {row['epoch']} is {loss:.3g} (epoch 1: {first:.3g}; "
+                    f"guessing uniformly: {chance:.3g}); lower the learning rate")
+    return None
+
+
+def flag_divergence(extra: dict, history: list[dict], num_classes: int, log: Callable[[str], None]) -> None:
+    """Put ``divergence``'s reason into a record's ``extra["diverged"]`` (reports flag it) and warn."""
+    reason = divergence(history, num_classes)
+    if reason:
+        extra["diverged"] = reason
+        log(f"WARNING: {reason}; the record is flagged as diverged")
+
+
 def load_state(path: Path, identity: dict) -> dict | None:
     """The saved run state, or None; a state written for another checkpoint/dataset/setup is an error."""
     if not path.is_file():

@@ -6,15 +6,20 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from reports.collect import collect
+from cgh.records import display_text
+from reports.collect import add_method_argument, assign_methods, collect
 from reports.render import Report, build_report, markdown_table, write_report
 
 
 def make_report(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                title: str = "CGH report") -> tuple[Report, dict[str, Path]]:
-    """Collect records under ``sources``, build every table and plot, write them to ``out_dir``."""
+                title: str = "CGH report", described_as: str | None = None,
+                methods: Sequence[str] = ()) -> tuple[Report, dict[str, Path]]:
+    """Collect records under ``sources``, build every table and plot, write them to ``out_dir``.
+    ``described_as`` names the sources in the report when listing them would be long; ``methods``
+    are ``CKPT=METHOD`` statements (``assign_methods``)."""
     collection = collect(sources)
-    report = build_report(collection, [str(s) for s in sources], title)
+    assign_methods(collection.records, methods)
+    report = build_report(collection, [described_as] if described_as else [str(s) for s in sources], title)
     return report, write_report(report, out_dir)
 
 
@@ -23,14 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folders searched recursively for result.json records (or record files)")
     parser.add_argument("-o", "--output-dir", default="report", help="where the report is written")
     parser.add_argument("--title", default="CGH report", help="report title")
+    add_method_argument(parser)
+
 
 
 def run(args: argparse.Namespace) -> int:
-    report, paths = make_report(args.results, args.output_dir, args.title)
+    report, paths = make_report(args.results, args.output_dir, args.title, methods=args.method)
     c = report.collection
     print(f"{len(c.records)} record(s) read, {len(c.skipped)} file(s) skipped")
-    for path, reason in c.skipped:
-        print(f"  skipped {path}: {reason}")
+    for path, reason in c.skipped:      # one line each; names from files never reach the terminal raw
+        print(f"  skipped {display_text(path, None)}: {display_text(reason, None)}")
     if report.summary.rows:
         print(markdown_table(report.summary.display()))
     print(f"report: {paths['markdown']}\nhtml:   {paths['html']}\ntables: {paths['tables']}/ (CSV, LaTeX)")

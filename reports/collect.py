@@ -1,11 +1,16 @@
-"""Find result records under result folders; broken or foreign JSON is reported and skipped.
+"""Find result records under result folders; broken, foreign or duplicate files are reported and skipped.
 
 Reports read nothing but ``result.json`` records (``cgh.records``): every stage writes one, so a
 report can be rebuilt from any mix of folders, machines and toolkit versions. A file that is not a
-valid record never stops the report; it is listed with the reason it was skipped.
+valid record never stops the report; it is listed with the reason it was skipped. A record whose
+content equals one already read (a copied run folder) is skipped too: counting it again would
+change the means, standard deviations and run counts.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,28 +28,79 @@ class Collection:
 
 
 def find_record_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """``result.json`` files under each folder (recursively); a file path is taken as given."""
+    """``result.json`` entries under each folder (recursively); any other path is taken as given.
+
+    Entries are not opened here (a FIFO or device is refused by ``read_record``); a file reached
+    twice (through a link or a repeated argument) is listed once, under the first absolute path.
+    """
     found: list[Path] = []
     for p in map(Path, paths):
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
+        if p.is_dir():
             found.extend(sorted(p.rglob(RECORD_NAME)))
+        elif os.path.lexists(p):
+            found.append(p)
         else:
             raise CghError(f"results path not found: {p}")
-    unique = list(dict.fromkeys(f.resolve() for f in found))
-    return unique
+    unique: dict[Path, Path] = {}
+    for f in found:
+        try:
+            key = f.resolve()
+        except (OSError, RuntimeError):     # a link loop: keep it; reading it gives the reason
+            key = f.absolute()
+        unique.setdefault(key, Path(os.path.abspath(f)))
+    return list(unique.values())
 
 
 def collect(paths: Iterable[str | os.PathLike]) -> Collection:
-    """Read and validate every record under ``paths``."""
+    """Read and validate every record under ``paths``; skip invalid ones and content duplicates."""
     out = Collection()
+    first_of: dict[str, str] = {}       # sha256 of the canonical record -> path read first
     for path in find_record_files(paths):
         try:
             rec = read_record(path)
         except RecordError as e:
             out.skipped.append((str(path), str(e).removeprefix(f"{path}: ")))
             continue
+        digest = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()
+        if digest in first_of:
+            out.skipped.append((str(path), f"duplicate of {first_of[digest]} (same content: one run, "
+                                           "counted once)"))
+            continue
+        first_of[digest] = str(path)
         rec["_path"] = str(path)
         out.records.append(rec)
     return out
+
+
+def assign_methods(records: list[dict], methods: Iterable[str]) -> None:
+    """``--method CKPT=METHOD``: say what a checkpoint is when its file does not (records of a file in
+    MoCo's layout are not placed in the paper's MoCo-v2 row unless the user says so). CKPT is a
+    checkpoint file (matched by its sha256), a sha256 prefix of 8+ hex digits, or the checkpoint's
+    name or file name as recorded."""
+    import re
+
+    from cgh.io import sha256_file
+
+    for spec in methods:
+        ckpt, sep, method = spec.partition("=")
+        if not sep or not ckpt or not method.strip():
+            raise CghError(f"--method takes CKPT=METHOD, got {spec!r}")
+        if Path(ckpt).is_file():
+            sha = sha256_file(ckpt)
+            match = lambda ck: ck["sha256"] == sha            # noqa: E731
+        elif re.fullmatch(r"[0-9a-fA-F]{8,64}", ckpt):
+            match = lambda ck: ck["sha256"].startswith(ckpt.lower())   # noqa: E731
+        else:
+            match = lambda ck: ckpt in (ck.get("name"), Path(str(ck.get("path", ""))).name)   # noqa: E731
+        hits = [rec for rec in records if match(rec["checkpoint"])]
+        if not hits:
+            raise CghError(f"--method {ckpt}: no checkpoint of the results matches it")
+        for rec in hits:
+            rec["checkpoint"].update(method=method.strip(), method_source="user")
+
+
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", action="append", default=[], metavar="CKPT=METHOD",
+                        help="what a checkpoint is (e.g. mocov2), for files that do not say it themselves: "
+                        "only then is it placed in the paper's row of that method; CKPT is a file, a sha256 "
+                        "prefix or the checkpoint's file name (repeatable)")

@@ -24,8 +24,9 @@ from omegaconf import MISSING
 from cgh.config import ConfigError, load_config, to_dict
 from cgh.errors import CghError
 from cgh.io import atomic_write_text, sha256_file
-from cgh.protocols import load_protocol_config, protocol_module
+from cgh.protocols import load_protocol_config, protocol_module, run_configured
 from cgh.records import RECORD_NAME, RecordError, read_record
+from reports.collect import add_method_argument
 
 _PLACEHOLDER = "__set_by_cgh_compare__"
 
@@ -125,7 +126,7 @@ def compare(checkpoints: Sequence[str | os.PathLike], suite_name: str, work_dir:
             log(f"[compare] {entry.name} on {path.name}: running {entry.protocol} -> {out}")
             t0 = time.perf_counter()
             try:
-                written = Path(protocol_module(entry.protocol).run(cfg))
+                written = Path(run_configured(entry.protocol, cfg))
                 outcomes.append(Outcome(entry.name, str(path), "ran", written))
                 log(f"[compare] {entry.name} on {path.name}: done in {time.perf_counter() - t0:.0f} s")
             except Exception as e:  # one failing run must not lose the others; its traceback is kept
@@ -143,15 +144,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default="", help="dataset root filled into the suite's {data_root}")
     parser.add_argument("--only", nargs="*", default=[], metavar="RUN", help="run only these suite entries")
     parser.add_argument("--title", default="", help="report title")
+    add_method_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from reports.cli import make_report
+    from cgh.records import display_text
     from reports.render import markdown_table
 
     work = Path(args.output_dir)
     outcomes = compare(args.checkpoints, args.suite, work, args.data_root, args.only)
-    report, paths = make_report([work / "runs"], work / "report", args.title or f"cgh compare: suite {args.suite}")
+    # the report covers what this invocation asked for, not every run the folder ever held
+    records = [o.record for o in outcomes if o.status != "failed"]
+    report, paths = make_report(records, work / "report", args.title or f"cgh compare: suite {args.suite}",
+                                described_as=f"{work / 'runs'} (the {len(records)} runs of this comparison)",
+                                methods=args.method)
+    for path, reason in report.collection.skipped:
+        print(f"skipped {display_text(path, None)}: {display_text(reason, None)}")
     for table in report.rankings:
         print(f"\n{table.title}\n{markdown_table(table.display())}")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}

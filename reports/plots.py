@@ -2,6 +2,7 @@
 
 Uses ``matplotlib.figure.Figure`` directly (Agg canvas, no pyplot state), so plotting works
 headless and in parallel. Each function returns None when the records hold nothing to plot.
+Every label taken from a record goes through ``plot_text``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import textwrap
 
 from matplotlib.figure import Figure
 
+from cgh.records import NAME_LIMIT, display_text
 from reports.settings import checkpoint_settings
 from reports.tables import checkpoint_labels, summary_table
 
@@ -27,8 +29,15 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def plot_text(text: str, limit: int | None = NAME_LIMIT) -> str:
+    """A record's name as a plot label: display-safe and short (``display_text``: a huge label makes
+    drawing take minutes), with ``$`` escaped so matplotlib never parses it as math text (which
+    fails on invalid TeX)."""
+    return display_text(text, limit).replace("$", r"\$")
+
+
 def _run_label(rec: dict, labels: dict[str, str]) -> str:
-    return f"{labels[rec['checkpoint']['sha256']]} ({checkpoint_settings(rec['checkpoint']).label})"
+    return plot_text(f"{labels[rec['checkpoint']['sha256']]} ({checkpoint_settings(rec['checkpoint']).label})")
 
 
 def _history(rec: dict) -> list[dict]:
@@ -39,11 +48,15 @@ def _history(rec: dict) -> list[dict]:
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for i, h in enumerate(history):
-        y = h.get(key)
-        if isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y):
-            xs.append(h.get("epoch", i + 1))
+        y, x = h.get(key), h.get("epoch")
+        if _number(y):
+            xs.append(x if _number(x) else i + 1)
             ys.append(float(y))
     return xs, ys
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def training_curves(records: list[dict]) -> bytes | None:
@@ -69,7 +82,7 @@ def training_curves_figure(records: list[dict]) -> Figure | None:
         line = ax_loss.plot(xs, ys, marker="o", ms=3, label=name)[0]
         for term in sorted({k for h in hist for k in h if k in LOSS_TERMS or k.startswith("loss_")}):
             xs, ys = _series(hist, term)
-            ax_loss.plot(xs, ys, ls="--", lw=1, color=line.get_color(), alpha=0.6, label=f"{name}: {term}")
+            ax_loss.plot(xs, ys, ls="--", lw=1, color=line.get_color(), alpha=0.6, label=f"{name}: {plot_text(term)}")
         xs, ys = _series(hist, "knn_top1")
         if xs:
             ax_knn.plot(xs, ys, marker="o", ms=3, color=line.get_color(), label=name)
@@ -97,7 +110,7 @@ def knn_vs_k(records: list[dict]) -> bytes | None:
     for rec in records:
         if rec["protocol"] != "knn":
             continue
-        name = f"{_run_label(rec, labels)} on {rec['dataset'].get('name', '?')}"
+        name = f"{_run_label(rec, labels)} on {plot_text(rec['dataset'].get('name', '?'))}"
         for key, value in rec["metrics"].items():
             m = re.fullmatch(r"top1_k(\d+)", key)
             if m and value is not None:
@@ -122,7 +135,8 @@ def _final_selection(rec: dict) -> list[tuple[float, float, float]]:
     sel = (rec.get("extra") or {}).get("positive_selection")
     out = []
     if isinstance(sel, dict) and isinstance(sel.get("thresholds"), list):
-        out = list(zip(sel["thresholds"], sel.get("precision", []), sel.get("recall", [])))
+        out = list(zip(*(v if isinstance(v, list) else [] for v in
+                         (sel["thresholds"], sel.get("precision"), sel.get("recall")))))
     elif isinstance(sel, dict):
         for t, pr in sel.items():
             if isinstance(pr, dict):
@@ -130,16 +144,17 @@ def _final_selection(rec: dict) -> list[tuple[float, float, float]]:
                     out.append((float(t), pr.get("precision"), pr.get("recall")))
                 except ValueError:
                     continue
-    return [(float(t), float(p), float(r)) for t, p, r in out
-            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (t, p, r))]
+    return [(float(t), float(p), float(r)) for t, p, r in out if all(_number(v) for v in (t, p, r))]
 
 
 def _threshold(rec: dict, suffix: str) -> str:
     """History keys are ``pos_recall`` for the first configured threshold, ``pos_recall@T`` for others."""
     if suffix.startswith("@"):
         return suffix[1:]
-    first = ((rec.get("config") or {}).get("monitor") or {}).get("positive_thresholds") or ["?"]
-    return f"{first[0]:g}" if isinstance(first[0], (int, float)) else str(first[0])
+    monitor = (rec.get("config") or {}).get("monitor")
+    first = monitor.get("positive_thresholds") if isinstance(monitor, dict) else None
+    first = first[0] if isinstance(first, list) and first else "?"
+    return f"{first:g}" if _number(first) else str(first)
 
 
 def positive_selection(records: list[dict]) -> bytes | None:
@@ -161,7 +176,7 @@ def positive_selection(records: list[dict]) -> bytes | None:
             for j, key in enumerate(sorted({k for h in hist for k in h if k.startswith(metric)}, key=len)):
                 xs, ys = _series(hist, key)
                 ax.plot(xs, ys, marker="o", ms=3, color=colour, ls=styles[j % len(styles)],
-                        label=f"{name} @{_threshold(rec, key.removeprefix(metric))}")
+                        label=f"{name} @{plot_text(_threshold(rec, key.removeprefix(metric)))}")
     for i, rec in enumerate(with_final):
         pts = sorted(_final_selection(rec))
         ax_pr.plot([r for _, _, r in pts], [p for _, p, _ in pts], marker="o", ms=3, color=f"C{with_history.index(rec)}"
@@ -193,9 +208,10 @@ def checkpoint_bars(records: list[dict]) -> bytes | None:
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(cols))]
         means = [row.cells[c].mean if row.cells[c].n else math.nan for c in cols]
         errs = [row.cells[c].std or 0.0 if row.cells[c].n else math.nan for c in cols]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{row.labels['Checkpoint']} ({row.labels['Method']})")
+        ax.bar(xs, means, width, yerr=errs, capsize=2,
+               label=plot_text(f"{row.labels['Checkpoint']} ({row.labels['Method']})"))
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([textwrap.fill(c, 22) for c in cols], fontsize=7)
+    ax.set_xticklabels([textwrap.fill(plot_text(c, None), 22) for c in cols], fontsize=7)
     ax.set(title="Checkpoints across protocols (main metric; missing = no bar)", ylabel="score (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)

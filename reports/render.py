@@ -1,20 +1,28 @@
 """Write a report: Markdown (the main document), CSV and LaTeX per table, one self-contained HTML page.
 
 The HTML page embeds its plots as base64 PNGs and its style inline, so it can be mailed or archived
-as a single file and opens offline. All files are written atomically.
+as a single file and opens offline. The files are written as one set (``write_report``): a failure
+leaves the previous report whole, never a new report.md beside an old report.html.
+
+Text from records is untrusted: each format escapes it on top of ``cgh.records.display_text``
+(control characters and terminal escapes removed; names already cut to a display length where the
+tables are built): ``md_text``, ``html_text``, ``latex_escape``.
 """
 from __future__ import annotations
 
 import base64
 import html
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from cgh.io import atomic_write_bytes, atomic_write_text
-from cgh.records import utc_now
+from cgh.errors import CghError
+from cgh.io import atomic_write_bytes
+from cgh.records import display_text, utc_now
 from reports.collect import Collection
 from reports.plots import all_plots
 from reports.tables import DASH, Table, paper_tables, ranking_tables, summary_table
@@ -53,36 +61,39 @@ def build_report(collection: Collection, sources: list[str], title: str = "CGH r
 # Markdown
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def md_text(text) -> str:
+    """Text for Markdown (also printed on the terminal): no control characters or escape codes, no raw
+    HTML (``<script>`` shows as text), and no ``|`` or backtick that would break a table or a code span."""
+    return html.escape(display_text(text, None), quote=False).replace("|", "\\|").replace("`", "\\`")
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    header = "| " + " | ".join(_md_cell(c) for c in df.columns) + " |"
+    header = "| " + " | ".join(md_text(c) for c in df.columns) + " |"
     sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(md_text(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([header, sep, *body])
 
 
 def _md_section(table: Table, level: str = "##") -> str:
     body = markdown_table(table.display()) if table.rows else "_No runs._"
-    return f"{level} {table.title}\n\n{table.caption}\n\n{body}\n"
+    return f"{level} {md_text(table.title)}\n\n{md_text(table.caption)}\n\n{body}\n"
 
 
 def to_markdown(report: Report, plot_dir: str = "plots") -> str:
     c = report.collection
-    lines = [f"# {report.title}", "", f"Generated {utc_now()} from {len(c.records)} record(s) under: "
-             + ", ".join(f"`{s}`" for s in report.sources) + ".", ""]
+    lines = [f"# {md_text(report.title)}", "", f"Generated {utc_now()} from {len(c.records)} record(s) under: "
+             + ", ".join(md_text(s) for s in report.sources) + ".", ""]
     if c.skipped:
-        lines += [f"Skipped {len(c.skipped)} file(s) that are not valid records:", ""]
-        lines += [f"- `{path}`: {reason}" for path, reason in c.skipped] + [""]
+        lines += [f"Skipped {len(c.skipped)} file(s) that are not valid records or repeat one:", ""]
+        lines += [f"- {md_text(path)}: {md_text(reason)}" for path, reason in c.skipped] + [""]
     lines += [NOTES, "", _md_section(report.summary)]
     lines += ["# Paper tables", ""] + [_md_section(t) for t in report.paper]
     if report.rankings:
         lines += ["# Checkpoint rankings", ""] + [_md_section(t) for t in report.rankings]
     if report.plots:
         lines += ["# Plots", ""]
-        lines += [f"## {title}\n\n![{title}]({plot_dir}/{name}.png)\n" for name, (title, _) in report.plots.items()]
+        lines += [f"## {md_text(title)}\n\n![{md_text(title)}]({plot_dir}/{name}.png)\n"
+                  for name, (title, _) in report.plots.items()]
     return "\n".join(lines)
 
 
@@ -92,11 +103,11 @@ def to_markdown(report: Report, plot_dir: str = "plots") -> str:
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "±": r"$\pm$", "Δ": r"$\Delta$", "τ": r"$\tau$", "·": r"$\cdot$", "†": r"$^\dagger$",
-                  "−": "-"}
+                  "−": "-", "…": r"\ldots{}"}
 
 
 def latex_escape(text: str) -> str:
-    parts = str(text).split("τ_h")          # the paper's symbol, kept as one math token
+    parts = display_text(text, None).split("τ_h")          # the paper's symbol, kept as one math token
     return r"$\tau_h$".join("".join(_LATEX_ESCAPES.get(ch, ch) for ch in part) for part in parts)
 
 
@@ -133,39 +144,44 @@ figure{margin:16px 0}figure img{max-width:100%;border:1px solid #eee}
 """
 
 
+def html_text(text) -> str:
+    """Text for HTML: display-safe, then escaped (quotes too: it also fills attributes)."""
+    return html.escape(display_text(text, None))
+
+
 def _html_table(table: Table) -> str:
     if not table.rows:
         return '<p class="caption"><em>No runs.</em></p>'
     df = table.display()
     n_labels = len(table.label_columns)
-    head = "".join(f'<th class="label">{html.escape(str(c))}</th>' if i < n_labels else
-                   f"<th>{html.escape(str(c))}</th>" for i, c in enumerate(df.columns))
+    head = "".join(f'<th class="label">{html_text(str(c))}</th>' if i < n_labels else
+                   f"<th>{html_text(str(c))}</th>" for i, c in enumerate(df.columns))
     body = []
     for row in df.itertuples(index=False):
-        cells = [f'<td class="label">{html.escape(str(v))}</td>' if i < n_labels else
-                 f"<td>{html.escape(str(v))}</td>" for i, v in enumerate(row)]
+        cells = [f'<td class="label">{html_text(str(v))}</td>' if i < n_labels else
+                 f"<td>{html_text(str(v))}</td>" for i, v in enumerate(row)]
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="scroll"><table class="report" id="table-{html.escape(table.key)}">'
+    return (f'<div class="scroll"><table class="report" id="table-{html_text(table.key)}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _html_section(table: Table) -> str:
-    return (f"<h2>{html.escape(table.title)}</h2>\n<p class=\"caption\">{html.escape(table.caption)}</p>\n"
+    return (f"<h2>{html_text(table.title)}</h2>\n<p class=\"caption\">{html_text(table.caption)}</p>\n"
             f"{_html_table(table)}\n")
 
 
 def to_html(report: Report) -> str:
     c = report.collection
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>{html.escape(report.title)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(report.title)}</h1>",
-             f"<p>Generated {html.escape(utc_now())} from {len(c.records)} record(s) under: "
-             + ", ".join(f"<code>{html.escape(s)}</code>" for s in report.sources) + ".</p>"]
+             f"<title>{html_text(report.title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html_text(report.title)}</h1>",
+             f"<p>Generated {html_text(utc_now())} from {len(c.records)} record(s) under: "
+             + ", ".join(f"<code>{html_text(s)}</code>" for s in report.sources) + ".</p>"]
     if c.skipped:
-        items = "".join(f"<li><code>{html.escape(p)}</code>: {html.escape(r)}</li>" for p, r in c.skipped)
+        items = "".join(f"<li><code>{html_text(p)}</code>: {html_text(r)}</li>" for p, r in c.skipped)
         parts.append(f'<div class="skipped"><p>Skipped {len(c.skipped)} file(s) that are not valid '
-                     f"records:</p><ul>{items}</ul></div>")
-    parts.append(f'<p class="notes">{html.escape(NOTES).replace("`", "")}</p>')
+                     f"records or repeat one:</p><ul>{items}</ul></div>")
+    parts.append(f'<p class="notes">{html_text(NOTES).replace("`", "")}</p>')
     parts.append(_html_section(report.summary))
     parts.append("<h1>Paper tables</h1>")
     parts += [_html_section(t) for t in report.paper]
@@ -176,8 +192,8 @@ def to_html(report: Report) -> str:
         parts.append("<h1>Plots</h1>")
     for name, (title, png) in report.plots.items():
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure id="plot-{name}"><figcaption><h2>{html.escape(title)}</h2></figcaption>'
-                     f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>')
+        parts.append(f'<figure id="plot-{name}"><figcaption><h2>{html_text(title)}</h2></figcaption>'
+                     f'<img alt="{html_text(title)}" src="data:image/png;base64,{data}"></figure>')
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -186,15 +202,48 @@ def to_html(report: Report) -> str:
 
 
 def write_report(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write every output under ``out_dir``; return the main paths (markdown, html, folders)."""
+    """Write every output under ``out_dir`` as one set; return the main paths (markdown, html, folders).
+
+    Every file is rendered and written into a staging folder inside ``out_dir`` first, and each
+    target is checked (a folder in the place of a file); only then are the files renamed into place,
+    report.md last. A failure before that changes no final file, so a reader never sees a new
+    report.md beside an old report.html. Tables and plots of an earlier report that this one lacks
+    are deleted.
+    """
     out = Path(out_dir)
+    files: dict[str, bytes] = {}
     for table in report.tables:
         # CSV keeps the numbers (mean, std, n, delta in separate columns); "-" marks a missing one.
-        atomic_write_text(out / "tables" / f"{table.key}.csv", table.frame().round(6).to_csv(index=False, na_rep=DASH))
-        atomic_write_text(out / "tables" / f"{table.key}.tex", to_latex(table))
+        files[f"tables/{table.key}.csv"] = table.frame().round(6).to_csv(index=False, na_rep=DASH).encode()
+        files[f"tables/{table.key}.tex"] = to_latex(table).encode()
     for name, (_, png) in report.plots.items():
-        atomic_write_bytes(out / "plots" / f"{name}.png", png)
-    atomic_write_text(out / "report.md", to_markdown(report))
-    atomic_write_text(out / "report.html", to_html(report))
+        files[f"plots/{name}.png"] = png
+    files["report.html"] = to_html(report).encode()
+    files["report.md"] = to_markdown(report).encode()       # last: renamed into place last
+    staging = None
+    try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".report-staging-", dir=out))
+            for rel, data in files.items():
+                atomic_write_bytes(staging / rel, data)
+            for rel in files:
+                target = out / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.is_dir() and not target.is_symlink():
+                    raise CghError(f"cannot write the report: {target} is a folder; no report file was replaced")
+        except OSError as e:
+            raise CghError(f"cannot write the report: {e.filename or out}: {e.strerror or e}; "
+                           "no report file was replaced") from e
+        for rel in files:       # renames within one folder, report.md last: the set changes only here
+            os.replace(staging / rel, out / rel)
+        # tables and plots of an earlier report that this one does not have would read as current
+        for folder, suffixes in (("tables", (".csv", ".tex")), ("plots", (".png",))):
+            for old in (out / folder).glob("*"):
+                if old.suffix in suffixes and old.is_file() and f"{folder}/{old.name}" not in files:
+                    old.unlink()
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return {"markdown": out / "report.md", "html": out / "report.html", "tables": out / "tables",
             "plots": out / "plots"}

@@ -88,6 +88,16 @@ class Settings:
                            f"{self.epochs} ep" if self.epochs is not None else "epochs ?"])
 
 
+def method_source(ckpt: dict) -> str:
+    """"file" / "user" when the checkpoint's method is known (its own metadata, or the user said so
+    with --method), "layout" when only its layout suggests one. Records written before the hub
+    recorded this: the layouts that carry metadata count as "file"."""
+    source = ckpt.get("method_source")
+    if source in ("file", "user", "layout"):
+        return source
+    return "file" if ckpt.get("layout") in ("canonical", "cgh-train", "solo-learn", "mmseg") else "layout"
+
+
 def checkpoint_settings(ckpt: dict) -> Settings:
     """Settings of the checkpoint block of a record."""
     train = ckpt.get("train") or {}
@@ -96,6 +106,9 @@ def checkpoint_settings(ckpt: dict) -> Settings:
     epochs = train.get("epochs", ckpt.get("epoch"))
     if not train:
         label = METHOD_LABELS.get(method.lower(), method)
+        if method_source(ckpt) == "layout":
+            # any file in MoCo's layout is not therefore MoCo-v2: never put it in a paper row
+            label = f"method unknown ({ckpt.get('layout') or '?'} layout)"
         return Settings(label=label, method=method, arch=arch, epochs=epochs, known=False,
                         file_id=str(ckpt.get("sha256", "")), layout=str(ckpt.get("layout", "")),
                         name=str(ckpt.get("name", "")))

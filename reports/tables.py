@@ -14,6 +14,8 @@ open a new column for a dataset the paper did not use (no difference is computed
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from typing import Callable
 
 import pandas as pd
 
+from cgh.records import display_text
+from cgh.run_folder import LAUNCH_KEYS
 from reports.settings import DEFAULT_LAYERS, DEFAULT_TAU_H, Settings, checkpoint_settings, layers_label
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
@@ -36,6 +40,14 @@ DASH = "-"
 class Cell:
     paper: float | None = None
     samples: list[float] = field(default_factory=list)
+    flags: set[str] = field(default_factory=set)     # e.g. "diverged": shown beside the number
+
+    def add(self, rec: dict, metric: str) -> None:
+        """Take ``rec``'s values of ``metric``, and its flags."""
+        values = samples(rec, metric)
+        self.samples.extend(values)
+        if values:
+            self.flags |= record_flags(rec)
 
     @property
     def n(self) -> int:
@@ -130,12 +142,13 @@ def fmt(value: float | None, decimals: int = 1, signed: bool = False) -> str:
 
 
 def format_cell(cell: Cell, decimals: int = 1) -> str:
-    """"71.2", or "71.2 ± 0.3 (3)" when several runs were aggregated, or "-"."""
+    """"71.2", or "71.2 ± 0.3 (3)" when several runs were aggregated, or "-"; flags follow in
+    brackets: "25.0 [diverged]"."""
     if cell.n == 0:
         return DASH
-    if cell.n == 1:
-        return fmt(cell.mean, decimals)
-    return f"{fmt(cell.mean, decimals)} ± {fmt(cell.std, decimals)} ({cell.n})"
+    text = fmt(cell.mean, decimals) if cell.n == 1 else \
+        f"{fmt(cell.mean, decimals)} ± {fmt(cell.std, decimals)} ({cell.n})"
+    return text + "".join(f" [{flag}]" for flag in sorted(cell.flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +162,57 @@ def samples(rec: dict, metric: str) -> list[float]:
         return [float(r[metric]) for r in runs]
     value = rec["metrics"].get(metric)
     return [float(value)] if _num(value) else []
+
+
+def record_flags(rec: dict) -> set[str]:
+    """Warnings a record carries about its own numbers (``extra.diverged``: the training blew up)."""
+    return {"diverged"} if (rec.get("extra") or {}).get("diverged") else set()
+
+
+# Config keys that do not change what a protocol measures: records differing only in these are
+# repeats of one evaluation (seeds, machines, folders) and pool into one cell. Any other difference
+# (k, temperature, lr, image size, iterations ...) is another evaluation, shown in a row of its own.
+NOT_SETTINGS = LAUNCH_KEYS | {"seed", "first_seed", "device", "gpus", "data_root", "voc_root", "coco_root",
+                              "dataset_name", "split"}
+
+
+def eval_settings(rec: dict) -> dict[str, str]:
+    """The record's resolved protocol config as {dotted key: JSON value}, without ``NOT_SETTINGS``."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                if k not in NOT_SETTINGS:
+                    walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = json.dumps(node, sort_keys=True, default=str)
+
+    walk(rec.get("config") or {}, "")
+    return out
+
+
+def variants(records: list[dict]) -> dict[int, tuple[str, str]]:
+    """id(record) -> (pool key, label). Records of one evaluation (protocol, dataset, subset) whose
+    settings are equal share a pool key and pool; when an evaluation was run with several settings,
+    each record's label names the keys that differ ("temperature=0.5"); otherwise both are ""."""
+    by_eval: dict[tuple, list[dict]] = {}
+    for rec in records:
+        by_eval.setdefault(_eval_key(rec), []).append(rec)
+    out: dict[int, tuple[str, str]] = {}
+    for recs in by_eval.values():
+        settings = {id(r): eval_settings(r) for r in recs}
+        pools = {id(r): json.dumps(settings[id(r)], sort_keys=True) for r in recs}
+        if len(set(pools.values())) == 1:
+            out.update({id(r): ("", "") for r in recs})
+            continue
+        keys = sorted({k for s in settings.values() for k in s})
+        varying = [k for k in keys if len({s.get(k) for s in settings.values()}) > 1]
+        for r in recs:
+            shown = [f"{k}={settings[id(r)].get(k, '(unset)')}" for k in varying[:3]]
+            more = f", +{len(varying) - 3} more" if len(varying) > 3 else ""
+            out[id(r)] = (pools[id(r)], display_text(", ".join(shown) + more, limit=120))
+    return out
 
 
 def _num(v) -> bool:
@@ -304,8 +368,10 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
         else:
             columns[(c.key, "")] = c.header
 
-    # our runs: group -> {(column key, dataset key): [samples]}, plus which protocol fed it
+    # our runs: group -> {(column key, dataset key): {protocol: Cell}}; a group is one pretrained
+    # setting evaluated one way (an evaluation run with other settings is a group of its own)
     groups: dict[tuple, dict] = {}
+    variant = variants(records)
     for rec in records:
         settings = checkpoint_settings(rec["checkpoint"])
         row_key = spec.row_key(settings)
@@ -317,18 +383,18 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
                 continue
             if c.subset is not None and rec["dataset"].get("subset") != c.subset:
                 continue
-            values = samples(rec, c.metric)
-            if not values:
+            if not samples(rec, c.metric):
                 continue
-            gkey = (row_key, settings, "" if spec.by_dataset else eval_ds)
+            gkey = (row_key, settings, "" if spec.by_dataset else eval_ds, variant[id(rec)])
             g = groups.setdefault(gkey, {"cells": {}, "protocols": set()})
             if spec.by_dataset:
                 col = (c.key, dataset_key(eval_ds))
-                columns.setdefault(col, eval_ds)
+                columns.setdefault(col, display_text(eval_ds))
             else:
                 col = (c.key, "")
-            g["cells"].setdefault(col, {}).setdefault(rec["protocol"], []).extend(values)
+            g["cells"].setdefault(col, {}).setdefault(rec["protocol"], Cell()).add(rec, c.metric)
 
+    columns = _unique_headers(columns)
     headers = list(columns.values())
     header_of = dict(columns)
 
@@ -338,16 +404,18 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
             c = next(c for c in spec.columns if c.key == col[0])
             proto = next(p for p in c.protocols if p in by_protocol)
             used.add(proto)
-            cells[header_of[col]] = Cell(samples=list(by_protocol[proto]))
+            cells[header_of[col]] = by_protocol[proto]
         return cells, used
 
     def our_setting(gkey: tuple, used: set[str]) -> str:
-        _, settings, eval_ds = gkey
-        text = settings.describe()
+        _, settings, eval_ds, (_, differs) = gkey
+        text = display_text(settings.describe())
         if eval_ds and dataset_key(eval_ds) != dataset_key(settings.dataset):
-            text += f" · eval {eval_ds}"
+            text += f" · eval {display_text(eval_ds)}"
         if "linear_fast" in used:
             text += " · fast linear probe"
+        if differs:
+            text += f" · {differs}"
         return text
 
     label_cols = ["Method", "Paper setting", "Ours setting"] if spec.reference else ["Method", "Ours setting"]
@@ -366,14 +434,14 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
                 placed.add(gkey)
                 ours, used = our_cells(groups[gkey])
                 for h, cell in ours.items():
-                    cells[h].samples = cell.samples
+                    cells[h].samples, cells[h].flags = cell.samples, cell.flags
                 setting = our_setting(gkey, used)
             rows.append(Row({"Method": label, "Paper setting": _paper_setting(ref_rows, spec.by_dataset),
                              "Ours setting": setting}, cells))
     for gkey in sorted((k for k in groups if k not in placed), key=_sort_key):
         ours, used = our_cells(groups[gkey])
         cells = {h: ours.get(h, Cell()) for h in headers}
-        labels = {"Method": spec.unmatched_label(gkey[1], gkey[0])}
+        labels = {"Method": display_text(spec.unmatched_label(gkey[1], gkey[0]))}
         if spec.reference:
             labels["Paper setting"] = DASH
         labels["Ours setting"] = our_setting(gkey, used)
@@ -382,8 +450,8 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
 
 
 def _sort_key(gkey: tuple) -> tuple:
-    _, s, eval_ds = gkey
-    return (s.label, s.dataset or "", s.arch, s.epochs or 0, s.file_id, eval_ds)
+    _, s, eval_ds, (_, differs) = gkey
+    return (s.label, s.dataset or "", s.arch, s.epochs or 0, s.file_id, eval_ds, differs)
 
 
 def paper_tables(records: list[dict]) -> list[Table]:
@@ -411,7 +479,7 @@ PROTOCOL_TITLES = {"knn": "kNN", "linear": "Linear probe", "linear_fast": "Linea
 
 
 def checkpoint_labels(records: list[dict]) -> dict[str, str]:
-    """sha256 -> a short unique name: the file stem, with its folder when stems collide."""
+    """sha256 -> a short unique name: the file stem, with its folder when stems collide (display-safe)."""
     paths: dict[str, str] = {}
     for rec in records:
         ck = rec["checkpoint"]
@@ -423,7 +491,7 @@ def checkpoint_labels(records: list[dict]) -> dict[str, str]:
     for stem, shas in stems.items():
         for sha in shas:
             p = Path(paths[sha])
-            labels[sha] = stem if len(shas) == 1 else f"{p.parent.name}/{stem}"
+            labels[sha] = display_text(stem if len(shas) == 1 else f"{p.parent.name}/{stem}")
     # still ambiguous (same folder and stem): add the hash
     counts: dict[str, int] = {}
     for v in labels.values():
@@ -453,54 +521,96 @@ def _natural(key: tuple[str, str, str]) -> tuple:
 
 def _eval_title(key: tuple[str, str, str]) -> str:
     protocol, ds, subset = key
-    title = f"{PROTOCOL_TITLES.get(protocol, protocol)} on {ds or 'unknown dataset'}"
-    return title + (f" ({subset})" if subset else "")
+    title = f"{PROTOCOL_TITLES.get(protocol, protocol)} on {display_text(ds) if ds else 'unknown dataset'}"
+    return title + (f" ({display_text(subset)})" if subset else "")
+
+
+def competition_ranks(scores: list[float | None]) -> list[int | None]:
+    """Rank of each score, highest first; equal scores share a rank ("1, 1, 3"); None is unranked."""
+    ranked = sorted(s for s in scores if s is not None)[::-1]
+    return [None if s is None else ranked.index(s) + 1 for s in scores]
 
 
 def ranking_tables(records: list[dict]) -> list[Table]:
-    """Per protocol (and dataset, subset): checkpoints ranked by the protocol's first metric."""
+    """Per protocol (and dataset, subset): checkpoints ranked by the protocol's first metric.
+
+    A checkpoint evaluated with several settings gets one row per setting (named in "Setting"); a
+    flagged result (e.g. a diverged probe) is shown but not ranked."""
     labels = checkpoint_labels(records)
-    by_eval: dict[tuple, dict[str, list[dict]]] = {}
+    variant = variants(records)
+    by_eval: dict[tuple, dict[tuple, list[dict]]] = {}
     for rec in records:
         if rec["protocol"] in PROTOCOL_METRICS:
-            by_eval.setdefault(_eval_key(rec), {}).setdefault(rec["checkpoint"]["sha256"], []).append(rec)
+            row_key = (rec["checkpoint"]["sha256"], variant[id(rec)])
+            by_eval.setdefault(_eval_key(rec), {}).setdefault(row_key, []).append(rec)
     tables = []
     for key in sorted(by_eval, key=_natural):
         metrics = PROTOCOL_METRICS[key[0]]
         scored = []
-        for sha, recs in by_eval[key].items():
-            cells = {m: Cell(samples=[v for r in recs for v in samples(r, m)]) for m in metrics}
-            scored.append((sha, recs[0]["checkpoint"], cells))
-        scored.sort(key=lambda t: (-(t[2][metrics[0]].mean if t[2][metrics[0]].mean is not None else -math.inf),
-                                   labels[t[0]]))
+        for (sha, (_, differs)), recs in by_eval[key].items():
+            cells = {m: Cell() for m in metrics}
+            for r in recs:
+                for m in metrics:
+                    cells[m].add(r, m)
+            head = cells[metrics[0]]
+            score = head.mean if head.n and not head.flags else None
+            scored.append((score, labels[sha], differs, recs[0]["checkpoint"], cells))
+        scored.sort(key=lambda t: (-(t[0] if t[0] is not None else -math.inf), t[1], t[2]))
         rows = []
-        for rank, (sha, ck, cells) in enumerate(scored, 1):
+        for rank, (_, label, differs, ck, cells) in zip(competition_ranks([t[0] for t in scored]), scored):
             settings = checkpoint_settings(ck)
-            rows.append(Row({"Rank": str(rank) if cells[metrics[0]].n else DASH, "Checkpoint": labels[sha],
-                             "Method": settings.label, "Setting": settings.describe()}, cells))
-        name = "rank_" + "_".join(p for p in key if p).replace("/", "_")
-        tables.append(Table(re.sub(r"[^A-Za-z0-9_.-]", "_", name), f"Ranking: {_eval_title(key)}",
-                            f"Checkpoints ranked by {metrics[0]} (higher is better).",
+            setting = display_text(settings.describe()) + (f" · {differs}" if differs else "")
+            rows.append(Row({"Rank": str(rank) if rank is not None else DASH, "Checkpoint": label,
+                             "Method": display_text(settings.label), "Setting": setting}, cells))
+        tables.append(Table(_file_key("rank_" + "_".join(p for p in key if p)), f"Ranking: {_eval_title(key)}",
+                            f"Checkpoints ranked by {metrics[0]} (higher is better; equal scores share a "
+                            "rank; a flagged result is not ranked).",
                             ["Rank", "Checkpoint", "Method", "Setting"], list(metrics), rows, reference=False))
     return tables
+
+
+def _unique_headers(headers: dict) -> dict:
+    """Numbered where two shown headers are equal (names that differ only past the display limit):
+    cells are keyed by header, so equal headers would merge two evaluations into one column."""
+    out, used = {}, set()
+    for key, header in headers.items():
+        shown, n = header, 1
+        while shown in used:
+            n += 1
+            shown = f"{header} ({n})"
+        out[key] = shown
+        used.add(shown)
+    return out
+
+
+def _file_key(name: str, limit: int = 100) -> str:
+    """A table's file name stem from its names: safe characters, and short (a 300-character dataset
+    name must not exceed the file system's 255-byte name limit); a cut name keeps a hash of the rest."""
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return key if len(key) <= limit else f"{key[:limit - 9]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def summary_table(records: list[dict]) -> Table:
     """One row per checkpoint, one column per evaluation (its ranking metric): the overview."""
     labels = checkpoint_labels(records)
     evals = sorted({_eval_key(r) for r in records if r["protocol"] in PROTOCOL_METRICS}, key=_natural)
-    headers = {k: f"{_eval_title(k)}: {PROTOCOL_METRICS[k[0]][0]}" for k in evals}
-    rows: dict[str, Row] = {}
+    headers = _unique_headers({k: f"{_eval_title(k)}: {PROTOCOL_METRICS[k[0]][0]}" for k in evals})
+    variant = variants(records)
+    rows: dict[tuple, Row] = {}
     for rec in records:
         key = _eval_key(rec)
         if key not in headers:
             continue
-        sha = rec["checkpoint"]["sha256"]
-        if sha not in rows:
+        sha, differs = rec["checkpoint"]["sha256"], variant[id(rec)][1]
+        # an evaluation run with other settings gets a row of its own, named by what differs
+        row_key = (labels[sha], f"{PROTOCOL_TITLES.get(key[0], key[0])}: {differs}" if differs else "")
+        if row_key not in rows:
             settings = checkpoint_settings(rec["checkpoint"])
-            rows[sha] = Row({"Checkpoint": labels[sha], "Method": settings.label}, {h: Cell() for h in headers.values()})
-        rows[sha].cells[headers[key]].samples.extend(samples(rec, PROTOCOL_METRICS[key[0]][0]))
-    ordered = [rows[sha] for sha in sorted(rows, key=lambda s: labels[s])]
+            name = f"{labels[sha]} [{row_key[1]}]" if differs else labels[sha]
+            rows[row_key] = Row({"Checkpoint": name, "Method": display_text(settings.label)},
+                                {h: Cell() for h in headers.values()})
+        rows[row_key].cells[headers[key]].add(rec, PROTOCOL_METRICS[key[0]][0])
+    ordered = [rows[k] for k in sorted(rows)]
     return Table("summary", "Summary: checkpoints across protocols",
                  "Each protocol's main metric; mean ± std (n) where runs repeat.",
                  ["Checkpoint", "Method"], list(headers.values()), ordered, reference=False)

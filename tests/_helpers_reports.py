@@ -31,13 +31,13 @@ class RecordWriter:
         self.count = 0
 
     def __call__(self, protocol: str, metrics: dict, ckpt: dict, dataset: str = "synthshapes",
-                 subset: str | None = None, extra: dict | None = None) -> Path:
+                 subset: str | None = None, extra: dict | None = None, config: dict | None = None) -> Path:
         self.count += 1
         ds = {"name": dataset, "root": "/data", "split": "val"}
         if subset:
             ds["subset"] = subset
         return write_record(self.root / f"run{self.count:03d}", protocol=protocol, checkpoint=ckpt, dataset=ds,
-                            metrics=metrics, config={"note": "hand-made"}, started="2024-01-01T00:00:00+00:00",
+                            metrics=metrics, config=config or {"note": "hand-made"}, started="2024-01-01T00:00:00+00:00",
                             wall_time_s=1.0, extra=extra)
 
 

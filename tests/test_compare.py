@@ -29,7 +29,7 @@ runs:
   - name: linear_fast
     protocol: linear
     overrides: [fast=true, dataset=synthshapes, "data_root={data_root}", resize=32, crop=32, batch_size=50,
-                num_workers=0, device=cpu, epochs=5, lr=1.0, "cache_dir={work_dir}/cache"]
+                num_workers=0, device=cpu, epochs=5, lr=0.1, "cache_dir={work_dir}/cache"]
 """
 
 
@@ -102,8 +102,23 @@ def test_compare_runs_once_then_skips_everything_and_ranks(tmp_path, tiny_synth,
     assert md.count("rand0_moco") >= 2 and (work / "report" / "report.html").is_file()
     for table in ("rank_knn_synthshapes", "rank_linear_fast_synthshapes"):
         csv = pd.read_csv(work / "report" / "tables" / f"{table}.csv", na_values="-", keep_default_na=False)
-        assert len(csv) == 3 and list(csv["Rank"]) == [1, 2, 3]
-        assert list(csv["top1 ours"]) == sorted(csv["top1 ours"], reverse=True)
+        assert len(csv) == 3 and list(csv["top1 ours"]) == sorted(csv["top1 ours"], reverse=True)
+        # competition ranking: 1 + the number of strictly better rows, so the same weights in two
+        # layouts (equal scores) share a rank
+        scores = list(csv["top1 ours"])
+        assert list(csv["Rank"]) == [1 + sum(o > s for o in scores) for s in scores]
+        ranks = dict(zip(csv["Checkpoint"], csv["Rank"]))
+        assert ranks["rand0"] == ranks["rand0_moco"]
+
+    # a narrower comparison in the same folder reports what it asked for, not everything there
+    rc = cgh_main(["compare", str(checkpoints[1]), "--suite", str(suite), "--output-dir", str(work),
+                   "--data-root", str(tiny_synth), "--only", "knn"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Ranking: kNN on synthshapes" in out and "Linear probe" not in out
+    tables = sorted(p.name for p in (work / "report" / "tables").glob("rank_*.csv"))
+    assert tables == ["rank_knn_synthshapes.csv"]
+    csv = pd.read_csv(work / "report" / "tables" / "rank_knn_synthshapes.csv", na_values="-", keep_default_na=False)
+    assert list(csv["Checkpoint"]) == ["rand1"] and list(csv["Rank"]) == [1]
 
 
 def test_changed_settings_rerun_only_what_changed(tmp_path, tiny_synth, checkpoints):

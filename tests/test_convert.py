@@ -97,6 +97,8 @@ def test_convert_round_trip_from_moco(fmt, name, r18, tmp_path):
     back = load_backbone(out)
     assert back.layout == fmt and set(back.state_dict) == set(r18)
     assert all(torch.equal(back.state_dict[k], v) for k, v in r18.items())
+    # only MoCo's layout suggested "moco": a conversion must not turn that guess into a stated method
+    assert ck.method_source == "layout" and back.method_source == "layout"
     if fmt == "canonical":
         meta = json.loads(out.with_suffix(".json").read_text())
         assert meta["method"] == "moco" and meta["epoch"] == 200 and meta["source_sha256"] == ck.sha256

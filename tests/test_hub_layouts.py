@@ -281,6 +281,17 @@ def save_mmseg(model, d):
     return write(backbone_state_dict(model), d / "mmseg.pth", meta={"method": "cgh"})
 
 
+def save_timm_train(model, d):
+    """timm's train.py checkpoint: the whole model under state_dict, no mmengine 'meta'."""
+    path = d / "timm_checkpoint-3.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet50", "state_dict": full_sd(model), "optimizer": {}, "version": 2,
+                "args": argparse.Namespace(lr=0.1), "metric": 76.1}, path)
+    return path
+
+
+# what the file itself states its method to be (else the hub reports the layout's guess as such)
+METHOD_STATED = {"canonical", "cgh-train", "solo-learn", "mmseg"}
+
 # writer, layout the hub must detect, method it must report, entries it must list as ignored
 CASES = {
     "canonical": (save_cgh_canonical, "canonical", "cgh", []),
@@ -313,6 +324,7 @@ CASES = {
     "detectron2-trained": (save_detectron2_trained, "detectron2", "unknown",
                            ["model/proposal_generator.rpn_head.conv.weight", "iteration"]),
     "mmseg": (save_mmseg, "mmseg", "cgh", ["meta"]),
+    "timm-train": (save_timm_train, "state-dict", "unknown", ["state_dict/fc.weight", "optimizer", "metric"]),
 }
 
 
@@ -322,6 +334,7 @@ def check_read_back(case: str, model: nn.Module, directory: Path) -> None:
     expected = backbone_state_dict(model)
     assert ck.layout == layout
     assert ck.method == method
+    assert ck.method_source == ("file" if case in METHOD_STATED else "layout")
     assert ck.arch == ("resnet50" if "layer1.0.conv3.weight" in expected else "resnet18")
     assert set(ck.state_dict) == set(expected)
     for k, v in expected.items():

@@ -131,3 +131,27 @@ def test_pretrained_beats_random(synth_root, pretrained_ckpt, random_ckpt, tmp_p
                       resize=64, crop=64)
         top1[name] = read_record(linear.run(cfg))["metrics"]["top1"]
     assert top1["pretrained"] > top1["random"] + 5, top1
+
+
+def test_divergence_rule_by_hand():
+    from eval.training import divergence
+
+    ok = [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 1.2}]
+    assert divergence(ok, num_classes=10) is None                       # ln 10 = 2.30; 2.5 < 23.0
+    grew = [{"epoch": 1, "loss": 95.0}, {"epoch": 2, "loss": 3e7}]
+    assert "epoch 1 is 95" in divergence(grew, num_classes=4)           # 95 > 10 * ln 4 = 13.9
+    assert "epoch 2" in divergence([ok[0], {"epoch": 2, "loss": float("nan")}], num_classes=10)
+
+
+def test_diverged_probe_is_flagged_in_its_record(synth_cls_root, random_ckpt, tmp_path):
+    """A learning rate far too high blows the loss up by orders of magnitude: the record says so.
+    (Random-init features at lr 0.1: losses 2.8-9.1 over 10 epochs; at 1e5: 4.6e6-3.1e7.)"""
+    flags = {}
+    for lr in (0.1, 1e5):
+        cfg = knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / f"lr{lr:g}", fast="true", epochs=3, lr=lr,
+                      resize=32, crop=32, cache_dir=str(tmp_path / "cache"))
+        rec = read_record(linear.run(cfg))
+        flags[lr] = rec["extra"].get("diverged")
+        losses = [h["loss"] for h in rec["extra"]["history"]]
+        assert (flags[lr] is not None) == (max(losses) > 10 * math.log(10)), (lr, losses)
+    assert flags[0.1] is None and "training diverged" in flags[1e5]

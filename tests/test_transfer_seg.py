@@ -120,3 +120,21 @@ def test_own_mmengine_checkpoints_load_but_other_getattr_is_refused(tmp_path):
         torch.save({"x": _Crafted(target, name)}, tmp_path / "crafted.pth")
         with seg._own_checkpoints_loadable(), pytest.raises(Exception, match="refused"):
             torch.load(tmp_path / "crafted.pth", weights_only=True)
+
+
+def test_a_mistyped_mmseg_override_is_one_line_before_anything_runs(random_ckpt, synth_root, tmp_path):
+    """mmengine adds an unknown key silently (`max_iter` for `max_iters` failed as a TypeError inside
+    the runner after ~490 log lines); the override is checked against the config file first."""
+    from cgh.config import ConfigError
+
+    out = tmp_path / "o"
+    for override, hint in (("mmseg.train_cfg.max_iter=3", "did you mean mmseg.train_cfg.max_iters"),
+                           ("mmseg.model.backbone.depht=18", "did you mean mmseg.model.backbone.depth"),
+                           ("mmseg.no_such_section.x=1", "under the top level")):
+        with pytest.raises(ConfigError, match=hint) as err:
+            seg.build_mmseg_config(_cfg(random_ckpt, synth_root, out, override), "resnet18", out / "w.pth", False)
+        assert "\n" not in str(err.value)
+    # existing keys, list entries included, are fine
+    c = seg.build_mmseg_config(_cfg(random_ckpt, synth_root, out, "mmseg.train_cfg.max_iters=3"), "resnet18",
+                               out / "w.pth", False)
+    assert c.train_cfg.max_iters == 3 and not out.exists()

@@ -1,8 +1,10 @@
 """``cgh inspect CKPT``: say what a checkpoint holds before any protocol trusts it.
 
 Prints the detected layout, the architecture, how many backbone tensors were found, and every
-tensor that is missing, mis-shaped or left unused (heads, queues, the teacher, optimizer state).
-Exit status 0 when the backbone is complete, 1 when a protocol would refuse it.
+tensor that is missing, mis-shaped, non-finite (NaN/Inf) or left unused (heads, queues, the teacher,
+optimizer state). Exit status 0 when the backbone is complete, 1 when a protocol would refuse it.
+Names and values come from the file: the text report shows them without control characters, so a
+key cannot forge a line of the report.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 
 from cgh.backbone import ARCHS
 from cgh.errors import CghError
+from cgh.records import display_text
 from transfer import layouts
 from transfer.hub import LAYOUT_NAMES, Inspection, inspect_checkpoint
 
@@ -30,7 +33,12 @@ def report_dict(r: Inspection) -> dict:
             "backbone_tensors": len(ck.state_dict), "expected_tensors": len(ck.state_dict) + len(r.missing),
             "ok": r.ok, "missing": r.missing,
             "wrong_shape": [{"name": n, "found": list(f), "expected": list(e)} for n, f, e in r.wrong_shape],
-            "ignored": ck.ignored}
+            "non_finite": r.non_finite, "ignored": ck.ignored}
+
+
+def _show(text) -> str:
+    """Text from the file (a key, a method name) as one printable line."""
+    return display_text(text, None)
 
 
 def _depth(arch: str) -> int:
@@ -50,18 +58,22 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0 if r.ok else 1
-    print(f"checkpoint  {d['path']}  (sha256 {d['sha256'][:16]}...)")
-    print(f"layout      {d['layout']}  (backbone at {d['where'] or 'top level'!s})")
+    print(f"checkpoint  {_show(d['path'])}  (sha256 {d['sha256'][:16]}...)")
+    print(f"layout      {d['layout']}  (backbone at {_show(d['where'] or 'top level')})")
     print(f"arch        {d['arch']}  (depth {d['depth']})")
-    print(f"method      {d['method']}   epoch {d['epoch']}")
+    print(f"method      {_show(d['method'])}   epoch {d['epoch']}")
     print(f"backbone    {d['backbone_tensors']} of {d['expected_tensors']} tensors found")
     for name in r.missing:
         print(f"  MISSING      {name}")
     for name, found, expected in r.wrong_shape:
         print(f"  WRONG SHAPE  {name}: {found} in the file, {expected} expected")
+    for name in r.non_finite:
+        print(f"  NON-FINITE   {name}: holds NaN or Inf")
     print(f"unused      {len(d['ignored'])} entries (not part of the backbone)")
     for name in d["ignored"]:
-        print(f"  unused       {name}")
-    print("OK: every backbone tensor is present with the right shape" if r.ok else
-          "NOT LOADABLE: protocols refuse this checkpoint (missing or mis-shaped backbone tensors)")
+        print(f"  unused       {_show(name)}")
+    reasons = [what for what, found in (("missing", r.missing), ("mis-shaped", r.wrong_shape),
+                                        ("NaN/Inf", r.non_finite)) if found]
+    print("OK: every backbone tensor is present with the right shape and finite values" if r.ok else
+          f"NOT LOADABLE: protocols refuse this checkpoint ({', '.join(reasons)} backbone tensors)")
     return 0 if r.ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cgh.io import sha256_file
 from cgh.protocols import run_protocol
 
 # flag -> (config key, protocols that take it)
@@ -23,6 +24,7 @@ _FLAGS = {
     "machine_rank": ("machine_rank", ("voc", "coco")),
     "dist_url": ("dist_url", ("voc", "coco")),
     "seeds": ("seeds", ("voc", "coco")),
+    "overwrite": ("overwrite", ("voc", "coco", "seg")),
 }
 _HELP = {
     "voc": "Faster R-CNN R50-C4 on VOC07+12 -> VOC07 test (detectron2); record voc_det",
@@ -39,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="protocol config (YAML; path or name under configs/, e.g. "
                        f"transfer/{name}_synth.yaml); defaults are the paper protocol")
         p.add_argument("--checkpoint", help="any ResNet checkpoint that `cgh inspect` reads")
-        p.add_argument("--output-dir", help="run folder (default runs/transfer/<protocol>_<checkpoint name>)")
+        p.add_argument("--output-dir", help="run folder (default runs/transfer/<protocol>_<checkpoint name>_<its sha256[:12]>)")
+        p.add_argument("--overwrite", action="store_true", default=None, help="the run folder belongs to "
+                       "another run: move it aside and start fresh (= overwrite=true)")
         if name == "voc":
             p.add_argument("--voc-root", help="VOCdevkit folder holding VOC2007/ and VOC2012/")
         if name == "coco":
@@ -56,11 +60,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
+def default_output_dir(protocol: str, checkpoint: str) -> Path:
+    """``runs/transfer/<protocol>_<file stem>_<sha256[:12]>``: every pretraining run exports a
+    ``backbone.safetensors``, so the stem alone would send different backbones to one folder."""
+    path = Path(checkpoint)
+    digest = sha256_file(path)[:12] if path.is_file() else "missing"
+    return Path("runs") / "transfer" / f"{protocol}_{path.stem}_{digest}"
+
+
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """Flags as ``key=value`` overrides, then the user's own (which win)."""
     out = []
     if args.output_dir is None and args.config is None and args.checkpoint:
-        out.append(f"output_dir=runs/transfer/{args.protocol}_{Path(args.checkpoint).stem}")
+        out.append(f"output_dir={default_output_dir(args.protocol, args.checkpoint)}")
     for attr, (key, protocols) in _FLAGS.items():
         value = getattr(args, attr, None)
         if value is not None and args.protocol in protocols:

@@ -136,14 +136,15 @@ def write_checkpoint(ck, fmt: str, out: str | os.PathLike) -> Path:
             raise ConvertError(f"canonical checkpoints end in .safetensors, got {out}")
         return save_canonical(ck.state_dict, out, method=ck.method, arch=ck.arch,
                               source_sha256=ck.sha256, train_config=ck.train_config, epoch=ck.epoch,
-                              extra={"source_path": str(ck.path), "source_layout": ck.layout})
+                              extra={"source_path": str(ck.path), "source_layout": ck.layout,
+                                     "method_source": ck.method_source})
     if fmt == "torchvision":
         return save_torchvision(ck.state_dict, out)
     if fmt == "detectron2":
         return save_detectron2(ck.state_dict, out)
     if fmt == "mmseg":
         return save_mmseg(ck.state_dict, out, meta={
-            "arch": ck.arch, "method": ck.method, "source_sha256": ck.sha256,
+            "arch": ck.arch, "method": ck.method, "method_source": ck.method_source, "source_sha256": ck.sha256,
             "source_layout": ck.layout, "epoch": ck.epoch})
     raise ConvertError(f"unknown output format '{fmt}'; choose one of: {', '.join(FORMATS)}")
 

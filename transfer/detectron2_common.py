@@ -8,7 +8,8 @@ The flow of ``run_detectron2_protocol`` (used by ``transfer.voc`` and ``transfer
    complete detectron2 config (YAML under ``configs/transfer/detectron2/`` + overrides + depth, norm,
    device, datasets, weights), saved next to the run;
 3. per seed, train with detectron2's ``DefaultTrainer`` (through ``detectron2.engine.launch`` for
-   several GPUs or machines), resuming from the seed folder's last checkpoint; before the first
+   several GPUs or machines), resuming from the newest checkpoint the seed's run recorded itself
+   (``ManifestCheckpointer``; ``last_checkpoint`` is never read); before the first
    iteration every backbone tensor of the built model is compared with the checkpoint
    (``transfer.backbone_check``) and the report saved;
 4. the task's evaluator (PASCAL VOC or COCO) runs at the end of training; the per-seed metrics and
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 from omegaconf import MISSING
 
 from cgh.backbone import ArchError
-from cgh.config import ConfigError, resolve_config_path, save_config, to_dict
+from cgh.config import ConfigError, bounded, resolve_config_path, save_config, to_dict
 from cgh.errors import CghError
 from cgh.io import atomic_write_json
 from cgh.records import RunTimer, write_record
@@ -39,6 +40,8 @@ from transfer.backbone_check import compare_backbone, require_equal_backbone
 from transfer.compat.detectron2_compat import import_detectron2
 from transfer.convert import from_detectron2_name, save_detectron2
 from transfer.hub import LoadedCheckpoint, load_backbone
+from transfer.resume_manifest import latest_verified, load_verified, record_checkpoint
+from transfer.safe_load import load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +72,14 @@ class Detectron2Config:
     # "auto": the YAML's SyncBN on GPU, BN on CPU (SyncBatchNorm needs CUDA); or BN/SyncBN/...
     norm: str = "auto"
     device: str = "auto"                 # auto | cpu | cuda
-    seeds: int = 1                       # repeat with SEED = first_seed + i; the record has mean/std
-    first_seed: int = 0
-    gpus: int = 1                        # GPUs per machine (detectron2.engine.launch)
-    num_machines: int = 1
-    machine_rank: int = 0
+    seeds: int = bounded(1, ge=1)        # repeat with SEED = first_seed + i; the record has mean/std
+    first_seed: int = bounded(0, ge=0)   # (detectron2 reads a negative SEED as "random")
+    gpus: int = bounded(1, ge=1)         # GPUs per machine (detectron2.engine.launch)
+    num_machines: int = bounded(1, ge=1)
+    machine_rank: int = bounded(0, ge=0, lt="num_machines")
     dist_url: str = "auto"
     resume: bool = True                  # continue from each seed folder's last checkpoint
+    overwrite: bool = False              # output_dir belongs to another run: move it aside, start fresh
     dataset_name: str = MISSING          # the record's dataset.name
 
 
@@ -270,6 +274,65 @@ def _mean_iteration_time(output_dir: Path) -> float | None:
     return sum(times) / len(times) if times else None
 
 
+_MANIFEST_CHECKPOINTER = None
+_UNCHECKED = object()
+
+
+def manifest_checkpointer_class():
+    """``DetectionCheckpointer`` that resumes only from checkpoints the run recorded itself.
+
+    fvcore resumes from whatever ``last_checkpoint`` names (a planted ``.pkl``, an absolute path, a
+    URL) and detectron2 opens ``.pkl`` files with plain ``pickle``: either runs code planted in the
+    run folder. Here every save is recorded in ``transfer.resume_manifest``; ``has_checkpoint`` and
+    ``get_checkpoint_file`` answer from that record only; a ``.pkl`` (``MODEL.WEIGHTS``, our own
+    converted backbone) is read with ``transfer.safe_load``'s restricted unpickler and anything else
+    must be a recorded checkpoint, loaded with ``torch.load(weights_only=True)``.
+    """
+    global _MANIFEST_CHECKPOINTER
+    if _MANIFEST_CHECKPOINTER is not None:
+        return _MANIFEST_CHECKPOINTER
+    import_detectron2()
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    class ManifestCheckpointer(DetectionCheckpointer):
+        _verified = _UNCHECKED          # the newest verified checkpoint, looked up once per save
+
+        def save(self, name: str, **kwargs) -> None:
+            super().save(name, **kwargs)
+            if self.save_dir and self.save_to_disk:
+                path = Path(self.save_dir) / f"{name}.pth"
+                record_checkpoint(path)
+                self._verified = path
+
+        def _latest(self) -> Path | None:
+            if self._verified is _UNCHECKED:
+                self._verified = latest_verified(self.save_dir) if self.save_dir else None
+            return self._verified
+
+        def has_checkpoint(self) -> bool:
+            return self._latest() is not None
+
+        def get_checkpoint_file(self) -> str:
+            latest = self._latest()
+            return str(latest) if latest is not None else ""
+
+        def _load_file(self, filename: str) -> dict:
+            if filename.endswith(".pkl"):         # detectron2's handling of a .pkl, minus pickle.load
+                data = load_pickle(Path(filename))
+                if "model" in data and "__author__" in data:
+                    self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+                    return data
+                if "blobs" in data:
+                    data = data["blobs"]
+                data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+                return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+            loaded = load_verified(filename)
+            return loaded if "model" in loaded else {"model": loaded}
+
+    _MANIFEST_CHECKPOINTER = ManifestCheckpointer
+    return ManifestCheckpointer
+
+
 # ---- one seed (runs in every process of a launch) -----------------------------------------------------
 
 def _train_one_seed(task_module: str, cfg_dict: dict, cfg_d2, reference: dict, resume: bool) -> None:
@@ -300,21 +363,30 @@ def _train(task, cfg_d2, reference: dict, resume: bool, out: Path) -> None:
     seed_all_rng(cfg_d2.SEED + comm.get_rank())
 
     class Trainer(DefaultTrainer):
-        """DefaultTrainer whose evaluation is the task's evaluator, run once after training."""
+        """DefaultTrainer whose evaluation is the task's evaluator, run once after training, and
+        whose checkpointer resumes only from checkpoints this run recorded (see above)."""
         @classmethod
         def build_evaluator(cls, c, dataset_name):
             return task.build_evaluator(c, dataset_name, str(out / "inference"))
 
         def build_hooks(self):
+            # __init__ made self.checkpointer just before calling this; the PeriodicCheckpointer
+            # built below saves through it, so replace it first.
+            ck = self.checkpointer
+            self.checkpointer = manifest_checkpointer_class()(
+                ck.model, ck.save_dir, save_to_disk=ck.save_to_disk, **ck.checkpointables)
             return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
 
     trainer = Trainer(cfg_d2)
     resuming = resume and trainer.checkpointer.has_checkpoint()
     trainer.resume_or_load(resume=resume)
     if resuming:
-        log.info("resumed from %s at iteration %d; backbone check was done by the first run",
+        log.info("resumed from %s at iteration %d (a checkpoint this run recorded; last_checkpoint is "
+                 "not read); backbone check was done by the first run",
                  trainer.checkpointer.get_checkpoint_file(), trainer.start_iter)
     else:
+        if resume:
+            log.info("no verified checkpoint of this run in %s: training from the start", out)
         verify_detectron2_backbone(trainer.model, reference,
                                    out / BACKBONE_REPORT if comm.is_main_process() else None)
     trainer.train()          # precise BN (when enabled) runs after the last iteration
@@ -334,7 +406,8 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    # one run has no spread to report: None, not 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return mean, std
 
 

@@ -6,8 +6,10 @@ MoCo, ReSSL, CGH release, DINO, SwAV, solo-learn, mmselfsup, VISSL, lightly, det
 Third-party files are untrusted: they are opened by ``transfer.safe_load``, which runs nothing in them.
 
 A backbone that loads nothing would train "from scratch" and report a plausible, wrong number, so
-``load_backbone`` fails when any backbone tensor is missing or mis-shaped; ``inspect_checkpoint``
-reports the same findings without failing (for ``cgh inspect``).
+``load_backbone`` fails when any backbone tensor is missing, mis-shaped or holds NaN/Inf;
+``inspect_checkpoint`` reports the same findings without failing (for ``cgh inspect``). What a file
+says about itself (method, epoch, training config) is read as inert, bounded data (``cgh.inert``):
+it lands in records, and must neither hang the reader nor pull values from its environment.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ import torch
 
 from cgh.backbone import ArchError, backbone_state_dict, build_backbone, infer_arch, load_backbone_weights
 from cgh.canonical import FORMAT as CANONICAL_FORMAT
-from cgh.canonical import load_canonical
+from cgh.canonical import read_sidecar
+from cgh.errors import CghError
+from cgh.inert import MAX_STRING, train_summary
 from cgh.io import sha256_file
+from cgh.records import display_text
 from transfer import layouts
 from transfer.safe_load import CheckpointError, read_checkpoint
 
@@ -41,6 +46,9 @@ class LoadedCheckpoint:
     layout: str                      # detected or forced layout name, e.g. "canonical", "moco"
     sha256: str                      # of the file as given
     method: str = "unknown"          # from metadata where the file says, else the layout's method
+    # "file": the file names its method (sidecar, training config, solo-learn/mmseg metadata);
+    # "layout": only the layout suggests it (any file in MoCo's layout is not therefore MoCo-v2)
+    method_source: str = "layout"
     epoch: int | None = None
     train_config: dict | None = None  # pretraining config when the checkpoint carries one
     ignored: list[str] = field(default_factory=list)   # keys present but not part of the backbone
@@ -52,6 +60,7 @@ class LoadedCheckpoint:
     def identity(self) -> dict:
         """The ``checkpoint`` block of a result record."""
         ident = {"path": str(self.path), "sha256": self.sha256, "method": self.method,
+                 "method_source": self.method_source,
                  "arch": self.arch, "layout": self.layout, "name": self.name, "epoch": self.epoch}
         if self.train_config:
             ident["train"] = self.train_config
@@ -65,10 +74,11 @@ class Inspection:
     where: str                                   # "state_dict/module.encoder_q." style location
     missing: list[str] = field(default_factory=list)       # expected backbone tensors not found
     wrong_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, found, expected
+    non_finite: list[str] = field(default_factory=list)    # float tensors holding NaN or Inf
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.wrong_shape
+        return not self.missing and not self.wrong_shape and not self.non_finite
 
 
 def load_backbone(path: str | os.PathLike, fmt: str | None = None, key: str | None = None,
@@ -77,7 +87,8 @@ def load_backbone(path: str | os.PathLike, fmt: str | None = None, key: str | No
     the sub-dict and key prefix by hand for layouts not known here.
 
     Raises ``CheckpointError`` when the file cannot be read safely, holds no ResNet backbone, or
-    any backbone tensor is missing or has the wrong shape (never falls back to random init).
+    any backbone tensor is missing, has the wrong shape (never falls back to random init) or holds
+    NaN/Inf (a protocol would spend hours on it and report garbage).
     """
     report = inspect_checkpoint(path, fmt=fmt, key=key, prefix=prefix)
     ck = report.checkpoint
@@ -89,6 +100,10 @@ def load_backbone(path: str | os.PathLike, fmt: str | None = None, key: str | No
     except ArchError as e:
         raise CheckpointError(f"{ck.path} ({ck.layout} layout, {report.where or 'top level'}): {e}; "
                               "run `cgh inspect` on it to see every tensor") from None
+    if report.non_finite:
+        bad = report.non_finite
+        raise CheckpointError(f"{ck.path}: {len(bad)} backbone tensors hold NaN or Inf values (first: "
+                              f"{', '.join(bad[:3])}); protocols refuse non-finite weights")
     return ck
 
 
@@ -115,17 +130,19 @@ def inspect_checkpoint(path: str | os.PathLike, fmt: str | None = None, key: str
 # ---- detection ------------------------------------------------------------------------------------
 
 def _read_canonical(path: Path, tensors: dict, sha: str, forced: bool) -> Inspection | None:
-    """Our canonical file (safetensors + sidecar); None when it is some other safetensors file."""
+    """Our canonical file (safetensors + sidecar); None when it is some other safetensors file.
+    The sidecar must describe this very file (its sha256, hashed once here)."""
     meta_format = _safetensors_format(path)
     if meta_format != CANONICAL_FORMAT and not forced:
         return None
     try:
-        _, meta = load_canonical(path)
+        meta = read_sidecar(path, sha256=sha) or {}
         arch = infer_arch(tensors)
     except (ValueError, OSError) as e:   # CghError/ArchError and a malformed JSON sidecar are ValueErrors
         raise CheckpointError(f"{path}: not a valid canonical checkpoint ({e})") from None
     ck = LoadedCheckpoint(path=path, state_dict=tensors, arch=arch, layout="canonical", sha256=sha,
-                          method=meta.get("method", "unknown"), epoch=meta.get("epoch"),
+                          method=meta.get("method") or "unknown", epoch=meta.get("epoch"),
+                          method_source=_stated_source(meta),
                           train_config=meta.get("train_config"))
     return _with_shape_check(ck, "")
 
@@ -148,8 +165,13 @@ def _parse_key(obj: dict, key: str) -> tuple[str, ...]:
 
 
 def _keys(d: dict, n: int = 12) -> str:
-    ks = [str(k) for k in d]
-    return ", ".join(ks[:n]) + (f", ... ({len(ks)} keys)" if len(ks) > n else "")
+    ks = [_show(k) for k in list(d)[:n]]
+    return ", ".join(ks) + (f", ... ({len(d)} keys)" if len(d) > n else "")
+
+
+def _show(key) -> str:
+    """A key from the file, fit for a one-line message (no control characters, at most 80 characters)."""
+    return display_text(key, 80)
 
 
 def _locate(path: Path, obj: dict, fmt, key, prefix):
@@ -199,19 +221,30 @@ def _locate(path: Path, obj: dict, fmt, key, prefix):
 # ---- extraction -----------------------------------------------------------------------------------
 
 def _as_tensor(value, name: str, path: Path) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    """A dense CPU tensor with data; anything else in a backbone slot is one clear error."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         return torch.from_numpy(np.ascontiguousarray(value).copy())
-    raise CheckpointError(f"{path}: backbone entry '{name}' is a {type(value).__name__}, not a tensor")
+    if not isinstance(value, torch.Tensor):
+        what = f"numpy array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise CheckpointError(f"{path}: backbone entry '{_show(name)}' is a {what}, not a tensor")
+    problem = ("a meta tensor (a shape without data)" if value.is_meta else
+               f"a {value.layout} tensor" if value.layout != torch.strided else
+               "a quantized tensor" if value.is_quantized else
+               f"a {value.dtype} tensor" if value.is_complex() else None)
+    if problem:
+        raise CheckpointError(f"{path}: backbone entry '{_show(name)}' is {problem}, not dense weights")
+    return value
 
 
 def _extract(path: Path, obj: dict, sha: str, layout, where, prefix: str, names: dict[str, str],
              sub: dict) -> Inspection:
+    arrays = {n: sub[orig] for n, orig in names.items() if isinstance(sub[orig], (torch.Tensor, np.ndarray))}
     try:
-        arch = infer_arch({n: sub[orig] for n, orig in names.items()})
+        arch = infer_arch(arrays)
     except ArchError as e:
-        raise CheckpointError(f"{path} ({layout.name} layout): {e}") from None
+        others = [_show(orig) for n, orig in names.items() if n not in arrays][:3]
+        hint = f" (entries that are not tensors: {', '.join(others)})" if others else ""
+        raise CheckpointError(f"{path} ({layout.name} layout): {e}{hint}") from None
     expected = backbone_state_dict(_shape_model(arch))
     state_dict = {n: _as_tensor(sub[orig], orig, path) for n, orig in names.items() if n in expected}
     used = {names[n] for n in state_dict}
@@ -225,9 +258,11 @@ def _extract(path: Path, obj: dict, sha: str, layout, where, prefix: str, names:
     ignored += [f"{base}/{k}" if base else str(k) for k in sub
                 if k not in used and not (isinstance(k, str) and k.startswith(prefix)
                                           and k.endswith("num_batches_tracked"))]
+    train_config = _train_config(path, obj, layout)
+    method, method_source = _method(path, obj, layout, train_config)
     ck = LoadedCheckpoint(path=path, state_dict=state_dict, arch=arch, layout=layout.name, sha256=sha,
-                          method=_method(obj, layout), epoch=_epoch(obj), train_config=_train_config(obj, layout),
-                          ignored=ignored)
+                          method=method, method_source=method_source, epoch=_epoch(obj),
+                          train_config=train_config, ignored=ignored)
     return _with_shape_check(ck, f"{base}/{prefix}" if base else prefix)
 
 
@@ -236,7 +271,9 @@ def _with_shape_check(ck: LoadedCheckpoint, where: str) -> Inspection:
     missing = sorted(set(expected) - set(ck.state_dict))
     wrong = [(k, tuple(ck.state_dict[k].shape), tuple(expected[k].shape)) for k in expected
              if k in ck.state_dict and ck.state_dict[k].shape != expected[k].shape]
-    return Inspection(checkpoint=ck, where=where, missing=missing, wrong_shape=wrong)
+    non_finite = [k for k, t in ck.state_dict.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return Inspection(checkpoint=ck, where=where, missing=missing, wrong_shape=wrong, non_finite=non_finite)
 
 
 def _shape_model(arch: str) -> torch.nn.Module:
@@ -247,38 +284,49 @@ def _shape_model(arch: str) -> torch.nn.Module:
 
 
 def _epoch(obj: dict) -> int | None:
+    """The epoch the file states; a value no training reaches (negative, >= 1e9) is no epoch."""
     for value in (obj.get("epoch"), layouts.dig(obj, ("meta", "epoch")), obj.get("train_phase_idx")):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.layout == torch.strided \
+                and not value.is_meta:
             value = value.item()
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < 10**9:
             return int(value)
     return None
 
 
-def _method(obj: dict, layout) -> str:
+def _stated_source(meta: dict) -> str:
+    """How the method in our own metadata (sidecar, mmseg ``meta``) was known: a conversion of a
+    file whose method only its layout suggested keeps saying so ("layout")."""
+    if not meta.get("method"):
+        return "layout"
+    return "layout" if meta.get("method_source") == "layout" else "file"
+
+
+def _method(path: Path, obj: dict, layout, train_config: dict | None) -> tuple[str, str]:
+    """(method, "file") where the file states its method, else (the layout's guess, "layout")."""
+    method = None
     if layout.name == "solo-learn":
         hp = obj.get("hyper_parameters")
         method = hp.get("method") if isinstance(hp, dict) else None
-        if isinstance(method, str):
-            return method
-    if layout.name == "mmseg" and isinstance(layouts.dig(obj, ("meta", "method")), str):
-        return obj["meta"]["method"]   # written by `cgh convert --to mmseg`
-    if layout.name == "cgh-train":
-        cfg = _train_config(obj, layout) or {}
-        method = cfg.get("method")
-        if isinstance(method, str):
-            return method
-    return layout.method
+    elif layout.name == "mmseg":
+        method = layouts.dig(obj, ("meta", "method"))   # written by `cgh convert --to mmseg`
+    elif layout.name == "cgh-train":
+        method = (train_config or {}).get("method")
+    if not isinstance(method, str) or not method:
+        return layout.method, "layout"
+    if layout.name == "mmseg" and _stated_source(obj["meta"]) == "layout":
+        return method, "layout"
+    if len(method) > MAX_STRING:
+        raise CheckpointError(f"{path}: its method name has {len(method)} characters (at most {MAX_STRING})")
+    return method, "file"
 
 
-def _train_config(obj: dict, layout) -> dict | None:
-    """For our training checkpoints: the same summary the exported canonical sidecar carries."""
-    if layout.name != "cgh-train" or not isinstance(obj.get("config"), dict):
+def _train_config(path: Path, obj: dict, layout) -> dict | None:
+    """For our training checkpoints: the summary the exported canonical sidecar carries, read from
+    the stored config as inert data (``cgh.inert.train_summary``: bounded, nothing resolved)."""
+    if layout.name != "cgh-train" or obj.get("config") is None:
         return None
-    from omegaconf import OmegaConf
-
-    from cgh.train import train_config_summary
     try:
-        return train_config_summary(OmegaConf.create(obj["config"]))
-    except (AttributeError, KeyError):   # a config from another version of cgh: keep it whole
-        return obj["config"]
+        return train_summary(obj["config"])
+    except CghError as e:
+        raise CheckpointError(f"{path}: its stored training config {e}") from None

@@ -118,9 +118,14 @@ LAYOUTS: tuple[Layout, ...] = (
            when=lambda obj: "__author__" in obj or _any_key_matches(r"(^|\.)stem\.conv1\.", ("model",))(obj),
            saved_by="detectron2 .pkl: {'model': {'stem.conv1.weight', 'res2.0.conv1.norm.weight', ...} "
                     "as numpy arrays, '__author__', 'matching_heuristics'} (MoCo's conversion)"),
-    Layout("mmseg", "unknown", (("state_dict",),), ("",),
+    Layout("mmseg", "unknown", (("state_dict",),), ("",), when=_has_key("meta"),
            saved_by="mmseg/mmpretrain backbone-only checkpoint (what `cgh convert --to mmseg` writes): "
                     "{'state_dict': {'conv1.weight', 'layer1.0.bn1.weight', ...}, 'meta'}"),
+    # Without mmengine's 'meta', a torchvision-named model under 'state_dict' is a training script's
+    # checkpoint (timm's train.py, the PyTorch ImageNet example), not an mmseg file.
+    Layout("state-dict", "unknown", (("state_dict",),), ("",),
+           saved_by="timm train.py / PyTorch ImageNet example checkpoint: {'epoch', 'arch', 'state_dict': "
+                    "{'conv1.weight', ..., 'fc.weight'}, 'optimizer', ['version', 'args', 'metric']}"),
     Layout("torchvision", "unknown", ((),), ("",),
            saved_by="torchvision / timm / DINO release: a plain state dict {'conv1.weight', "
                     "'layer1.0.conv1.weight', ..., 'fc.weight'}"),
@@ -168,16 +173,24 @@ def match(layout: Layout, obj: dict, check_when: bool = True) -> tuple[Path_, st
 
 def find_prefixes(obj, where: Path_ = (), depth: int = 4) -> list[tuple[Path_, str]]:
     """Every (dict path, key prefix) under which a ResNet stem and layer1 sit: the fallback for
-    layouts not in the table, and the hint shown when nothing matched."""
-    found = []
-    if not isinstance(obj, dict) or depth < 0:
-        return found
-    for key in obj:
-        if isinstance(key, str) and key.endswith("layer1.0.conv1.weight"):
-            prefix = key[: -len("layer1.0.conv1.weight")]
-            if prefix + "conv1.weight" in obj:
-                found.append((where, prefix))
-    for key, value in obj.items():
-        if isinstance(value, dict) and isinstance(key, str):
-            found += find_prefixes(value, where + (key,), depth - 1)
+    layouts not in the table, and the hint shown when nothing matched.
+
+    Each dict is searched once, at the first path that reaches it: a file that reuses one dict under
+    many keys at every level (a few KB describing billions of paths) costs no more than its size.
+    """
+    found: list[tuple[Path_, str]] = []
+    seen: set[int] = set()
+    todo = [(obj, where, depth)]   # a stack: depth first, keys in order, as the recursion it replaces
+    while todo:
+        node, path, left = todo.pop()
+        if not isinstance(node, dict) or left < 0 or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for key in node:
+            if isinstance(key, str) and key.endswith("layer1.0.conv1.weight"):
+                prefix = key[: -len("layer1.0.conv1.weight")]
+                if prefix + "conv1.weight" in node:
+                    found.append((path, prefix))
+        todo += reversed([(value, path + (key,), left - 1) for key, value in node.items()
+                          if isinstance(value, dict) and isinstance(key, str) and id(value) not in seen])
     return found

@@ -6,10 +6,17 @@ SBD aug at 512x512 for 20k iterations or Cityscapes at 769x769 for 40k
 (``transfer.convert.save_mmseg``) and loaded through the backbone's ``init_cfg``; before the first
 iteration a hook compares every backbone tensor with the checkpoint (``transfer.backbone_check``).
 The record holds mIoU, mAcc, aAcc and the per-class IoU from mmseg's IoU metric.
+
+Resuming reads only what the run wrote itself (``transfer.resume_manifest``): mmengine's
+``last_checkpoint`` is never consulted (the config names the verified checkpoint as ``load_from``,
+through the ``cgh-verified://`` loader), every saved checkpoint is recorded by a hook, and a loaded
+checkpoint's ``meta['config']`` (Python that mmengine would execute) is dropped before it is read.
 """
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import math
 import os
 import pickle
@@ -21,15 +28,19 @@ from typing import Any
 from omegaconf import MISSING
 
 from cgh.backbone import ArchError, feature_dim
-from cgh.config import ConfigError, resolve_config_path, save_config, to_dict
+from cgh.config import ConfigError, bounded, resolve_config_path, save_config, to_dict
 from cgh.errors import DatasetError
 from cgh.records import RunTimer, write_record
 from transfer.backbone_check import compare_backbone, require_equal_backbone
 from transfer.convert import save_mmseg
 from transfer.hub import load_backbone
+from transfer.resume_manifest import latest_verified, load_verified, record_checkpoint
+
+log = logging.getLogger(__name__)
 
 PROTOCOL = "seg"
 BACKBONE_REPORT = "backbone_check.json"
+VERIFIED_SCHEME = "cgh-verified://"     # load_from prefix: a checkpoint recorded by this run
 MMSEG_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
 
 
@@ -48,9 +59,10 @@ class Config:
     depth: str = "auto"
     # "auto": the config's SyncBN on GPU, BN on CPU; or BN / SyncBN.
     norm: str = "auto"
-    seed: int = 0
-    gpus: int = 1                        # GPUs on this machine (one process each)
+    seed: int = bounded(0, ge=0)
+    gpus: int = bounded(1, ge=1)         # GPUs on this machine (one process each)
     resume: bool = True                  # continue from output_dir's last checkpoint
+    overwrite: bool = False              # output_dir belongs to another run: move it aside, start fresh
     dataset_name: str = "voc12aug"
     split: str = "val"                   # the record's dataset.split (what the test loader reads)
 
@@ -74,15 +86,23 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def register_mmseg_extensions() -> None:
-    """Register the per-class IoU metric and the backbone-check hook with mmseg's registries."""
+    """Register the per-class IoU metric, the backbone-check and checkpoint-manifest hooks with
+    mmseg's registries, and the ``cgh-verified://`` checkpoint loader with mmengine's."""
     import numpy as np
     import torch
+    from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
+    from mmengine.runner import CheckpointLoader
     from mmseg.evaluation import IoUMetric
     from mmseg.registry import HOOKS, METRICS
 
     if "CghIoUMetric" in METRICS.module_dict:
         return
+
+    @CheckpointLoader.register_scheme(prefixes=VERIFIED_SCHEME)
+    def load_from_cgh_verified(filename: str, map_location=None):   # mmengine logs name[10:]
+        """A checkpoint this run recorded, checked and loaded with weights_only=True (never a URL)."""
+        return load_verified(filename[len(VERIFIED_SCHEME):], map_location=map_location or "cpu")
 
     @METRICS.register_module()
     class CghIoUMetric(IoUMetric):
@@ -116,6 +136,55 @@ def register_mmseg_extensions() -> None:
             report = compare_backbone(model.backbone.state_dict(), ref, lambda name: name)
             require_equal_backbone(report, self.report_path if is_main_process() else None)
 
+    @HOOKS.register_module()
+    class CghCheckpointManifestHook(Hook):
+        """Records every checkpoint the run saves (``transfer.resume_manifest``), and drops a loaded
+        checkpoint's ``meta['config']``, which ``Runner.resume`` would execute as Python (it only
+        compares GPU counts with it; nothing else reads it)."""
+        priority = "LOWEST"      # after CheckpointHook (VERY_LOW), which writes the file
+
+        def __init__(self):
+            self._saved = False
+
+        def after_load_checkpoint(self, runner, checkpoint) -> None:
+            if isinstance(checkpoint.get("meta"), dict):
+                checkpoint["meta"].pop("config", None)
+
+        def before_save_checkpoint(self, runner, checkpoint) -> None:
+            self._saved = True   # CheckpointHook is writing runner.message_hub's 'last_ckpt'
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            self._record(runner)
+
+        def after_train_epoch(self, runner) -> None:
+            self._record(runner)
+
+        def _record(self, runner) -> None:
+            if self._saved and is_main_process():
+                record_checkpoint(runner.message_hub.get_info("last_ckpt"))
+            self._saved = False
+
+
+def check_mmseg_key(c, key: str, path) -> None:
+    """An override must name a key the mmseg config has (as detectron2's yacs requires): mmengine
+    would add a mistyped key silently and fail hundreds of log lines later (``max_iter`` for
+    ``max_iters``: a TypeError inside the runner)."""
+    node, done = c, []
+    for part in key.split("."):
+        if isinstance(node, (list, tuple)):
+            found = part.isdigit() and int(part) < len(node)
+            node = node[int(part)] if found else None
+        else:
+            found = hasattr(node, "keys") and part in node.keys()
+            options = sorted(map(str, node.keys())) if hasattr(node, "keys") else []
+            node = node[part] if found else None
+        if not found:
+            where = ".".join(done) or "the top level"
+            close = difflib.get_close_matches(part, options, n=3) if not isinstance(node, list) and options else []
+            hint = f"; did you mean {', '.join('mmseg.' + '.'.join(done + [o]) for o in close)}?" if close else ""
+            raise ConfigError(f"config key 'mmseg.{key}': {path.name} has no '{part}' under {where}{hint}")
+        done.append(part)
+
 
 def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
     """The complete mmengine ``Config`` of the run (file + overrides + what the run decides)."""
@@ -124,9 +193,14 @@ def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
     path = resolve_config_path(cfg.mmseg_config)
     try:
         c = MMConfig.fromfile(str(path))
-        if cfg.mmseg:
-            c.merge_from_dict(_flatten(to_dict(cfg.mmseg)))
-    except Exception as e:           # mmengine raises many kinds for a bad file or key
+    except Exception as e:           # mmengine raises many kinds for a bad file
+        raise ConfigError(f"mmseg config {path}: {e}") from None
+    overrides = _flatten(to_dict(cfg.mmseg))
+    for key in overrides:
+        check_mmseg_key(c, key, path)
+    try:
+        c.merge_from_dict(overrides)
+    except Exception as e:
         raise ConfigError(f"mmseg config {path}: {e}") from None
 
     depth = MMSEG_DEPTHS.get(arch)
@@ -166,17 +240,23 @@ def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
         if c[k].get("num_workers", 0) == 0:
             c[k].persistent_workers = False
     c.work_dir = str(Path(cfg.output_dir).resolve())
-    # Resume only when the folder holds a checkpoint of an earlier run: mmengine's auto-resume
-    # would otherwise reload the final checkpoint before testing.
-    c.resume = bool(cfg.resume) and (Path(cfg.output_dir) / "last_checkpoint").is_file()
-    c.load_from = None
+    # Resume only from a checkpoint this run recorded, named explicitly: with load_from unset,
+    # mmengine would follow last_checkpoint (any file or URL) and, after training, reload the
+    # final checkpoint before testing.
+    verified = latest_verified(c.work_dir) if cfg.resume else None
+    if verified is not None:
+        log.info("resuming from %s (a checkpoint this run recorded; last_checkpoint is not read)", verified)
+    elif cfg.resume and Path(c.work_dir).is_dir():
+        log.info("no verified checkpoint of this run in %s: training from the start", c.work_dir)
+    c.resume = verified is not None
+    c.load_from = VERIFIED_SCHEME + str(verified) if verified is not None else None
     c.randomness = dict(seed=int(cfg.seed))
     c.launcher = "pytorch" if cfg.gpus > 1 else "none"
     if not cuda:
         c.env_cfg.dist_cfg = dict(backend="gloo")
     c.custom_hooks = list(c.get("custom_hooks", [])) + [dict(
         type="CghBackboneCheckHook", reference=str(weights),
-        report_path=str(Path(cfg.output_dir) / BACKBONE_REPORT))]
+        report_path=str(Path(cfg.output_dir) / BACKBONE_REPORT)), dict(type="CghCheckpointManifestHook")]
     return c
 
 
