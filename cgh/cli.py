@@ -26,10 +26,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: cgh's version, git commit and main dependencies (looked up only when asked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        from cgh import __version__
+        from cgh.records import git_commit
+
+        lines = [f"cgh {__version__} (git {git_commit() or 'unknown'})"]
+        for name in ("torch", "torchvision", "detectron2", "mmsegmentation", "mmcv", "mmengine"):
+            try:
+                lines.append(f"{name} {metadata.version(name)}")
+            except metadata.PackageNotFoundError:   # detectron2's offline install has no metadata
+                try:
+                    lines.append(f"{name} {importlib.import_module(name).__version__}")
+                except Exception:
+                    lines.append(f"{name} not installed")
+        print("\n".join(lines))
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cgh", description="Pretrain CGH and evaluate any ResNet checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="print cgh's version, git commit and the versions of its main dependencies")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
@@ -50,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CghError, FileNotFoundError) as e:
         print(f"cgh {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: what was saved stays; the same command resumes from it
+        print(f"\ncgh {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except (OSError, RuntimeError) as e:   # a full disk under a third-party writer (detectron2, mmengine)
         cause = disk_full_cause(e)
         if cause is None:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     helps = {"knn": "weighted kNN on frozen centre-crop features (cached)",
              "linear": "linear probe on the frozen backbone (fast=true: on cached features)",
-             "semi": "fine-tune the whole network on a 1%/10% labelled subset"}
+             "semi": "fine-tune the whole network on a 1%%/10%% labelled subset"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="YAML config (path, or name under configs/, e.g. eval/knn_imagenet)")

@@ -211,3 +211,38 @@ def test_a_run_that_fails_on_bad_input_leaves_no_folder(synth_cls_root, tmp_path
     with pytest.raises(CghError):
         run_protocol("knn", None, _knn(ckpt, tmp_path / "no-such-root", out))
     assert (out / "result.json").read_bytes() == before
+
+
+def test_a_folder_given_as_checkpoint_is_named_as_such(tmp_path):
+    from transfer.hub import CheckpointError, load_backbone
+
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_backbone(tmp_path)
+    with pytest.raises(CghError, match=r"checkpoint not found: .* \(a folder, not a file\)"):
+        run_protocol("knn", None, _knn(tmp_path, tmp_path, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    from _helpers_trainer import RESUME_EPOCHS, _env, _resume_cmd
+
+    root = tiny_synth(tmp_path / "synth")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_resume_cmd(root, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    first = out / "checkpoints" / "epoch_0001.pt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["cgh pretrain: interrupted; run the same command again to resume"]
+    assert first.exists() and not (out / "backbone.safetensors").exists()
+    res = subprocess.run(_resume_cmd(root, out, "--resume", "auto"), env=_env(), capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and "resumed from" in res.stdout and (out / "backbone.safetensors").is_file()
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == RESUME_EPOCHS + 1   # header + epochs
