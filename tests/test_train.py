@@ -147,17 +147,20 @@ def test_run_outputs_then_nan_stops_and_keeps_last_checkpoint(tmp_path, synth, c
     assert {"epoch", "loss", "gh", "hg", "lr", "knn_top1", "pos_recall", "skipped_images", "queue_rank_global",
             "queue_rank_hyper"} <= set(header)
 
-    # continue for more epochs with an absurd learning rate: the loss turns NaN, training stops with
-    # a clear message (through the CLI: one line, exit status 2) and the last good checkpoint stays
+    # continue from that checkpoint for more epochs with an absurd learning rate (other settings, so
+    # in a folder of their own): the loss turns NaN, training stops with a clear message (through
+    # the CLI: one line, exit status 2) and the last good checkpoint stays
     before = sha256_file(ckpt)
-    argv = ["pretrain", "--config", "pretrain/demo_synth", "--resume", "auto",
-            *tiny_overrides(root, out), "optim.epochs=3", "optim.base_lr=1e30", "optim.warmup_epochs=0"]
+    nan_out = tmp_path / "run_nan"
+    argv = ["pretrain", "--config", "pretrain/demo_synth", "--resume", str(ckpt),
+            *tiny_overrides(root, nan_out), "optim.epochs=3", "optim.base_lr=1e30", "optim.warmup_epochs=0"]
     capsys.readouterr()
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "NaN or Inf" in err and "epoch 2" in err and "epoch_0001.pt" in err and "is kept" in err
     assert sha256_file(ckpt) == before
     assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == ["epoch_0001.pt"]
+    assert not list(nan_out.glob("checkpoints/*.pt"))      # nothing saved from the diverged epochs
 
 
 def test_strict_images_is_fatal_in_a_run(tmp_path, synth):
