@@ -104,7 +104,7 @@ def run(cfg: Config) -> Path:
                       log=_log)
         metrics = evaluate(model, val_ds, batch_size=cfg.batch_size, num_workers=workers(cfg), device=device)
     extra["history"] = history
-    flag_divergence(extra, history, len(classes), _log)
+    flag_divergence(extra, history, _log)
     return write_result(cfg, protocol="linear_fast" if cfg.fast else "linear", checkpoint=ckpt.identity(),
                         dataset={"name": cfg.dataset, "root": str(cfg.data_root), "split": cfg.val_split,
                                  "train_split": cfg.train_split},

@@ -93,7 +93,7 @@ def run(cfg: Config) -> Path:
     metrics = evaluate(model, val_ds, batch_size=cfg.batch_size, num_workers=workers(cfg), device=device)
     extra = {"recipe": cfg.recipe, "num_labelled": len(used), "num_val": len(val_ds),
              "num_classes": len(classes), "labelled_files_sha256": names_sha256(used), "history": history}
-    flag_divergence(extra, history, len(classes), _log)
+    flag_divergence(extra, history, _log)
     return write_result(cfg, protocol="semi", checkpoint=ckpt.identity(),
                         dataset={"name": cfg.dataset, "root": str(cfg.data_root), "split": cfg.val_split,
                                  "train_split": cfg.train_split, "subset": subset_label(cfg.subset)},

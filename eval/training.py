@@ -36,30 +36,31 @@ def step_factor(epoch: int, milestones: list[int], gamma: float = 0.1) -> float:
     return gamma ** sum(epoch >= m for m in milestones)
 
 
-DIVERGENCE_FACTOR = 10.0   # x the loss of guessing uniformly (ln C): an order of magnitude above chance
-
-
-def divergence(history: list[dict], num_classes: int) -> str | None:
+def divergence(history: list[dict]) -> str | None:
     """Why a classifier's per-epoch loss says its training diverged, or None.
 
-    Guessing uniformly costs ln(C) per image; a head that learns anything stays below that. An epoch
-    whose mean loss is ``DIVERGENCE_FACTOR`` times higher (seen: 100 rising to 1e7 with too high an
-    lr on a weak backbone, top-1 at chance) means the optimiser overshot, and its top-1 must not be
-    ranked as if the backbone were that bad.
+    Diverged: a non-finite loss, or a loss that grew by orders of magnitude, i.e. an epoch 100x the
+    first epoch's loss, or a last epoch 10x above it (seen: ~100 rising to 1e7 on a weak backbone,
+    top-1 at chance). A loss that is merely high is not flagged: unnormalised features at the small
+    datasets' lr 3.0 start in the hundreds and still learn (synthshapes: 425 -> 50, top-1 50 %).
     """
-    chance = math.log(max(num_classes, 2))
+    first = history[0]["loss"] if history else None
     for row in history:
         loss = row["loss"]
-        if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * chance:
-            first = history[0]["loss"]
-            return (f"training diverged: the mean loss of epoch {row['epoch']} is {loss:.3g} (epoch 1: {first:.3g}; "
-                    f"guessing uniformly: {chance:.3g}); lower the learning rate")
+        if not math.isfinite(loss):
+            return f"training diverged: the loss became {loss} in epoch {row['epoch']}; lower the learning rate"
+        if loss >= 100 * first:
+            return (f"training diverged: the mean loss grew from {first:.3g} (epoch 1) to {loss:.3g} "
+                    f"(epoch {row['epoch']}); lower the learning rate")
+    if history and history[-1]["loss"] >= 10 * first:
+        return (f"training diverged: the mean loss ended at {history[-1]['loss']:.3g}, 10x above epoch 1's "
+                f"{first:.3g}; lower the learning rate")
     return None
 
 
-def flag_divergence(extra: dict, history: list[dict], num_classes: int, log: Callable[[str], None]) -> None:
+def flag_divergence(extra: dict, history: list[dict], log: Callable[[str], None]) -> None:
     """Put ``divergence``'s reason into a record's ``extra["diverged"]`` (reports flag it) and warn."""
-    reason = divergence(history, num_classes)
+    reason = divergence(history)
     if reason:
         extra["diverged"] = reason
         log(f"WARNING: {reason}; the record is flagged as diverged")

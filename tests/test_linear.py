@@ -136,22 +136,23 @@ def test_pretrained_beats_random(synth_root, pretrained_ckpt, random_ckpt, tmp_p
 def test_divergence_rule_by_hand():
     from eval.training import divergence
 
-    ok = [{"epoch": 1, "loss": 2.5}, {"epoch": 2, "loss": 1.2}]
-    assert divergence(ok, num_classes=10) is None                       # ln 10 = 2.30; 2.5 < 23.0
-    grew = [{"epoch": 1, "loss": 95.0}, {"epoch": 2, "loss": 3e7}]
-    assert "epoch 1 is 95" in divergence(grew, num_classes=4)           # 95 > 10 * ln 4 = 13.9
-    assert "epoch 2" in divergence([ok[0], {"epoch": 2, "loss": float("nan")}], num_classes=10)
+    def losses(*values):
+        return [{"epoch": i + 1, "loss": v} for i, v in enumerate(values)]
+
+    assert divergence(losses(2.5, 1.2)) is None
+    assert divergence(losses(425.0, 1694.0, 1090.0, 50.0)) is None        # high, but it learns
+    assert "grew from 100 (epoch 1) to 1e+07 (epoch 2)" in divergence(losses(100.0, 1e7, 3e7))
+    assert "ended at 30" in divergence(losses(2.8, 6.4, 30.0))           # last epoch 10x the first
+    assert divergence(losses(2.8, 6.4, 27.9)) is None
+    assert "became nan in epoch 2" in divergence(losses(2.5, float("nan")))
 
 
 def test_diverged_probe_is_flagged_in_its_record(synth_cls_root, random_ckpt, tmp_path):
-    """A learning rate far too high blows the loss up by orders of magnitude: the record says so.
-    (Random-init features at lr 0.1: losses 2.8-9.1 over 10 epochs; at 1e5: 4.6e6-3.1e7.)"""
+    """A learning rate so high that the head's weights overflow: the loss turns non-finite and the
+    record says the probe diverged; a sane one is not flagged."""
     flags = {}
-    for lr in (0.1, 1e5):
+    for lr in (0.1, 1e38):
         cfg = knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / f"lr{lr:g}", fast="true", epochs=3, lr=lr,
                       resize=32, crop=32, cache_dir=str(tmp_path / "cache"))
-        rec = read_record(linear.run(cfg))
-        flags[lr] = rec["extra"].get("diverged")
-        losses = [h["loss"] for h in rec["extra"]["history"]]
-        assert (flags[lr] is not None) == (max(losses) > 10 * math.log(10)), (lr, losses)
-    assert flags[0.1] is None and "training diverged" in flags[1e5]
+        flags[lr] = read_record(linear.run(cfg))["extra"].get("diverged")
+    assert flags[0.1] is None and "training diverged" in flags[1e38]
