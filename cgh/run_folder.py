@@ -31,6 +31,7 @@ from typing import Iterator
 
 from cgh.errors import CghError
 from cgh.io import atomic_write_json, read_json_file
+from cgh.records import display_text
 
 RUN_FILE = "cgh_run.json"
 LOCK_FILE = ".cgh.lock"
@@ -65,9 +66,11 @@ def run_identity(protocol: str, checkpoint_sha256: str | None, config: dict) -> 
 
 
 def describe(identity: dict) -> str:
+    """One line for messages; the values may come from a planted file, so they are made display-safe."""
     sha = identity.get("checkpoint_sha256")
-    of = f" of checkpoint {str(sha)[:12]}" if sha else ""
-    return f"a {identity.get('protocol')} run{of} (settings {str(identity.get('config_sha256'))[:8]})"
+    of = f" of checkpoint {display_text(str(sha)[:12])}" if sha else ""
+    return (f"a {display_text(identity.get('protocol'), 40)} run{of} "
+            f"(settings {display_text(str(identity.get('config_sha256'))[:8])})")
 
 
 @contextmanager
@@ -116,7 +119,7 @@ def _conflict(out: Path, identity: dict, fresh_if: tuple[str, ...]) -> str | Non
     """Why ``out`` cannot host the run ``identity`` as it is (None: it can)."""
     run_file = out / RUN_FILE
     if not run_file.exists():
-        others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        others = sorted(display_text(p.name, 60) for p in out.iterdir() if p.name != LOCK_FILE)
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             return f"holds files that no cgh run claims ({shown})"
