@@ -22,7 +22,7 @@ It is smaller and unreliable (+9.3, +9.6, +7.3 for seeds 0, 1, 3; +12.2 for seed
 change; +1.9 for the 1-thread run;
 -12.5 to +13.7 on the variant); ``benchmarks/learning_signal.py --sizes 32 64`` reports it.
 Before the grey images (colour random per image) no run of any length, on CPU or GPU, beat
-random init: the queue collapsed onto the colour directions. README "Learning signal on
+random init: the queue collapsed onto the colour directions. DEVELOPMENT.md "Learning signal on
 synthshapes" has the history; ``benchmarks/learning_signal.py`` runs this measurement with any
 config, step budget and device.
 """

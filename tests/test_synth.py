@@ -66,7 +66,7 @@ def test_classification_is_an_imagefolder_with_unique_basenames(root, manifest):
 
 def test_classification_images_are_grey_and_scenes_in_colour(root):
     """Classification images carry no colour (a per-image colour is what instance discrimination
-    learned instead of shape, README "Learning signal"): their channels differ only by independent
+    learned instead of shape, DEVELOPMENT.md "Learning signal"): their channels differ only by independent
     pixel noise (sigma 4 per channel, so ~5.7 for a difference), never by a cast or a coloured
     stroke. Detection scenes keep their colours."""
     for path in sorted((root / "classification").rglob("*.png")):
