@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints in any layout the hub reads")
     parser.add_argument("--suite", default="quick", help="demo, quick, full (configs/suites/) or a suite file")
     parser.add_argument("--output-dir", default="compare_out", help="runs go to OUT/runs, the report to OUT/report")
-    parser.add_argument("--data-root", default="", help="dataset root filled into the suite's {data_root}")
+    parser.add_argument("--data-root", default="", help="the folder holding the suite's datasets, filled into its "
+                        "{data_root}: imagenet/, VOCdevkit/, coco/ (quick, full) or a synthshapes root (demo)")
     parser.add_argument("--only", nargs="*", default=[], metavar="RUN", help="run only these suite entries")
     parser.add_argument("--title", default="", help="report title")
     add_method_argument(parser)

@@ -173,6 +173,18 @@ def test_shipped_suites_resolve_against_their_protocols(name):
         assert cfg.checkpoint == "/c.pth"
 
 
+def test_data_root_means_the_folder_of_the_datasets_in_every_imagenet_suite():
+    """--data-root is one thing: the folder holding imagenet/, VOCdevkit/, coco/ (it used to be the
+    ImageNet folder itself for `quick` and its parent for `full`)."""
+    for name in ("quick", "full"):
+        for entry in load_suite(name).runs:
+            overrides = compare_mod._fill(entry.overrides, "/D", Path("/work"), entry.name)
+            cfg = load_protocol_config(entry.protocol, entry.config or None,
+                                       overrides + ["checkpoint=/c.pth", "output_dir=/o"])
+            roots = [str(cfg[k]) for k in ("data_root", "voc_root", "coco_root") if k in cfg and cfg[k]]
+            assert roots and all(r.split("/")[2] in ("imagenet", "VOCdevkit", "coco") for r in roots), (name, roots)
+
+
 def test_demo_writes_a_moco_layout_the_hub_reads_back_exactly(tmp_path):
     from reports.demo import moco_layout, random_init
     from transfer.hub import load_backbone
