@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgh.backbone import feature_dim
-from cgh.config import ConfigError, bounded
+from cgh.config import bounded
 from cgh.records import RunTimer
 from eval.features import (ProtocolConfig, build_split, cached_features, check_same_classes, eval_transform,
                            open_checkpoint, read_as, select_device, train_transform, workers, world,
@@ -70,8 +70,6 @@ def new_head(dim: int, num_classes: int) -> nn.Linear:
 
 def run(cfg: Config) -> Path:
     timer = RunTimer()
-    if cfg.epochs < 1 or cfg.lr <= 0:
-        raise ConfigError(f"config keys 'epochs' and 'lr' must be positive, got {cfg.epochs} and {cfg.lr}")
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     backbone, ckpt = open_checkpoint(cfg)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from cgh.backbone import feature_dim
-from cgh.config import ConfigError, bounded
+from cgh.config import bounded
 from cgh.data.subsets import SUBSET_SHA256, load_subset, subset_indices
 from cgh.errors import DatasetError
 from cgh.records import RunTimer
@@ -63,8 +63,6 @@ def subset_label(spec: str) -> str:
 
 def run(cfg: Config) -> Path:
     timer = RunTimer()
-    if cfg.epochs < 1 or cfg.backbone_lr < 0 or cfg.head_lr <= 0:
-        raise ConfigError("config keys 'epochs', 'head_lr' must be positive and 'backbone_lr' >= 0")
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     backbone, ckpt = open_checkpoint(cfg)
