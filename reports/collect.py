@@ -99,6 +99,41 @@ def assign_methods(records: list[dict], methods: Iterable[str]) -> None:
             rec["checkpoint"].update(method=method.strip(), method_source="user")
 
 
+# Protocols that validate after every epoch and record both the last and the best epoch's numbers.
+EPOCH_PROTOCOLS = ("linear", "linear_fast", "semi")
+EPOCH_METRICS = ("top1", "top5")
+EPOCHS = ("best", "last")
+# The CGH paper's linear and semi-supervised numbers come from the authors' eval_lincls.py /
+# eval_semisup.py, which report the best validation epoch (as ReSSL's and MoCo's scripts do).
+DEFAULT_EPOCH = "best"
+
+
+def choose_epoch(records: list[dict], epoch: str = DEFAULT_EPOCH) -> None:
+    """``--epoch best|last``: which epoch's top-1/top-5 the tables show for the linear and
+    semi-supervised protocols. Records carry both (``top1_best``/``top1_last``); the chosen pair is
+    copied into ``top1``/``top5`` and the choice into ``extra.reported_epoch``. A record written
+    before best-epoch tracking has only its last epoch: with ``best`` it is flagged "last epoch"."""
+    if epoch not in EPOCHS:
+        raise CghError(f"--epoch must be one of {', '.join(EPOCHS)}, got {epoch!r}")
+    for rec in records:
+        if rec["protocol"] not in EPOCH_PROTOCOLS:
+            continue
+        metrics, extra = rec["metrics"], rec.setdefault("extra", {})
+        chosen = {m: metrics.get(f"{m}_{epoch}") for m in EPOCH_METRICS}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in chosen.values()):
+            metrics.update(chosen)
+            extra["reported_epoch"] = epoch
+        else:                       # only the final epoch's numbers exist (top1/top5 are the last)
+            extra["reported_epoch"] = "last"
+
+
+def add_epoch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epoch", choices=EPOCHS, default=DEFAULT_EPOCH,
+                        help="linear probe and semi-supervised: report the best validation epoch (as the "
+                        "CGH authors' scripts did for the paper's numbers) or the last one (default: "
+                        f"{DEFAULT_EPOCH}); each cell says which")
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", default=[], metavar="CKPT=METHOD",
                         help="what a checkpoint is (e.g. mocov2), for files that do not say it themselves: "

@@ -27,6 +27,7 @@ import pandas as pd
 
 from cgh.records import display_text
 from cgh.run_folder import LAUNCH_KEYS
+from reports.collect import EPOCH_PROTOCOLS
 from reports.settings import DEFAULT_LAYERS, DEFAULT_TAU_H, Settings, checkpoint_settings, layers_label
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
@@ -41,6 +42,7 @@ class Cell:
     paper: float | None = None
     samples: list[float] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)     # e.g. "diverged": shown beside the number
+    protocols: set[str] = field(default_factory=set)
 
     def add(self, rec: dict, metric: str) -> None:
         """Take ``rec``'s values of ``metric``, and its flags."""
@@ -48,6 +50,14 @@ class Cell:
         self.samples.extend(values)
         if values:
             self.flags |= record_flags(rec)
+            self.protocols.add(rec["protocol"])
+
+    @property
+    def shown_flags(self) -> set[str]:
+        """The records' flags, and "1 seed" for a single fine-tuning run of a protocol whose
+        published numbers average several (MoCo's VOC detection: 5; per-run std 0.2-0.4 AP)."""
+        single = self.n == 1 and bool(self.protocols & SEED_AVERAGED)
+        return self.flags | ({"1 seed"} if single else set())
 
     @property
     def n(self) -> int:
@@ -148,7 +158,7 @@ def format_cell(cell: Cell, decimals: int = 1) -> str:
         return DASH
     text = fmt(cell.mean, decimals) if cell.n == 1 else \
         f"{fmt(cell.mean, decimals)} ± {fmt(cell.std, decimals)} ({cell.n})"
-    return text + "".join(f" [{flag}]" for flag in sorted(cell.flags))
+    return text + "".join(f" [{flag}]" for flag in sorted(cell.shown_flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +174,22 @@ def samples(rec: dict, metric: str) -> list[float]:
     return [float(value)] if _num(value) else []
 
 
+# Fine-tuning protocols whose published numbers are means over seeds: a single run is marked.
+SEED_AVERAGED = {"voc_det", "coco_instseg", "seg"}
+
+
 def record_flags(rec: dict) -> set[str]:
-    """Warnings a record carries about its own numbers (``extra.diverged``: the training blew up)."""
-    return {"diverged"} if (rec.get("extra") or {}).get("diverged") else set()
+    """What a record says about its own numbers, shown beside them: ``diverged`` (the training blew
+    up), ``last epoch`` (a linear/semi number from the final epoch, not the best one the CGH paper's
+    scripts report: ``reports.collect.choose_epoch``), ``bf16`` (features in the opt-in bf16 fast
+    mode, not the reference fp32)."""
+    extra, config = rec.get("extra") or {}, rec.get("config") or {}
+    flags = {"diverged"} if extra.get("diverged") else set()
+    if rec.get("protocol") in EPOCH_PROTOCOLS and extra.get("reported_epoch") == "last":
+        flags.add("last epoch")
+    if config.get("precision") == "bf16":
+        flags.add("bf16")
+    return flags
 
 
 # Config keys that do not change what a protocol measures: records differing only in these are
@@ -294,24 +317,26 @@ def _layers_key(s: Settings) -> str | None:
 
 
 _TOP1 = "Linear top-1"
+_EPOCH_NOTE = ("Linear and semi-supervised numbers are the best validation epoch's, as the authors' "
+               "scripts report them; [last epoch] marks a final-epoch number (cgh report --epoch last).")
 PAPER_TABLES: list[TableSpec] = [
     TableSpec("table1", "Table 1: linear and kNN evaluation",
               "Paper: IN-1K, ResNet-50, 200 epochs, single crop. The paper text says CGH beats "
-              "MoCo-v2 / ReSSL by 3.0 / 1.2 points (linear) and 7.0 / 1.6 points (kNN).",
+              "MoCo-v2 / ReSSL by 3.0 / 1.2 points (linear) and 7.0 / 1.6 points (kNN). " + _EPOCH_NOTE,
               [Column("linear_top1", _TOP1, LINEAR, "top1"), Column("linear_top5", "Linear top-5", LINEAR, "top5"),
                Column("knn_top1", "kNN top-1", ("knn",), "top1")], _main_key),
     TableSpec("table2", "Table 2: linear evaluation with multi-crop",
               "Paper: IN-1K, ResNet-50, multi-crop, several pre-training lengths.",
               [Column("linear_top1", _TOP1, LINEAR, "top1")], _multi_key),
     TableSpec("table3", "Table 3: semi-supervised fine-tuning (1% / 10% labels)",
-              "Paper: IN-1K SimCLR subsets, ResNet-50. (Multi) = multi-crop pretraining.",
+              "Paper: IN-1K SimCLR subsets, ResNet-50. (Multi) = multi-crop pretraining. " + _EPOCH_NOTE,
               [Column("semi1_top1", "1% top-1", ("semi",), "top1", "1percent"),
                Column("semi1_top5", "1% top-5", ("semi",), "top5", "1percent"),
                Column("semi10_top1", "10% top-1", ("semi",), "top1", "10percent"),
                Column("semi10_top5", "10% top-5", ("semi",), "top5", "10percent")], _any_key),
     TableSpec("table4", "Table 4: PASCAL VOC detection (Faster R-CNN R50-C4)",
               "Paper: pretrained 200 epochs on IN-1K, fine-tuned on VOC07+12 trainval, tested on VOC07 "
-              "test; mean over runs.",
+              "test; mean over 5 runs (MoCo's protocol). Ours: mean ± std (runs); a single run says [1 seed].",
               [Column("AP", "AP", ("voc_det",), "AP"), Column("AP50", "AP50", ("voc_det",), "AP50"),
                Column("AP75", "AP75", ("voc_det",), "AP75")], _any_key),
     TableSpec("coco", "COCO instance segmentation (Mask R-CNN R50-C4)",
@@ -434,7 +459,7 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
                 placed.add(gkey)
                 ours, used = our_cells(groups[gkey])
                 for h, cell in ours.items():
-                    cells[h].samples, cells[h].flags = cell.samples, cell.flags
+                    cells[h].samples, cells[h].flags, cells[h].protocols = cell.samples, cell.flags, cell.protocols
                 setting = our_setting(gkey, used)
             rows.append(Row({"Method": label, "Paper setting": _paper_setting(ref_rows, spec.by_dataset),
                              "Ours setting": setting}, cells))
@@ -535,7 +560,7 @@ def ranking_tables(records: list[dict]) -> list[Table]:
     """Per protocol (and dataset, subset): checkpoints ranked by the protocol's first metric.
 
     A checkpoint evaluated with several settings gets one row per setting (named in "Setting"); a
-    flagged result (e.g. a diverged probe) is shown but not ranked."""
+    diverged result (its loss blew up) is shown but not ranked."""
     labels = checkpoint_labels(records)
     variant = variants(records)
     by_eval: dict[tuple, dict[tuple, list[dict]]] = {}
@@ -553,7 +578,7 @@ def ranking_tables(records: list[dict]) -> list[Table]:
                 for m in metrics:
                     cells[m].add(r, m)
             head = cells[metrics[0]]
-            score = head.mean if head.n and not head.flags else None
+            score = head.mean if head.n and "diverged" not in head.flags else None
             scored.append((score, labels[sha], differs, recs[0]["checkpoint"], cells))
         scored.sort(key=lambda t: (-(t[0] if t[0] is not None else -math.inf), t[1], t[2]))
         rows = []
@@ -564,7 +589,7 @@ def ranking_tables(records: list[dict]) -> list[Table]:
                              "Method": display_text(settings.label), "Setting": setting}, cells))
         tables.append(Table(_file_key("rank_" + "_".join(p for p in key if p)), f"Ranking: {_eval_title(key)}",
                             f"Checkpoints ranked by {metrics[0]} (higher is better; equal scores share a "
-                            "rank; a flagged result is not ranked).",
+                            "rank; a diverged result is not ranked).",
                             ["Rank", "Checkpoint", "Method", "Setting"], list(metrics), rows, reference=False))
     return tables
 

@@ -10,7 +10,7 @@ from cgh.errors import CghError
 from reports.cli import make_report
 from reports.tables import competition_ranks, eval_settings, ranking_tables, summary_table
 from reports.collect import collect
-from _helpers_reports import CGH_TRAIN, RecordWriter, checkpoint
+from _helpers_reports import CGH_TRAIN, RecordWriter, checkpoint, epochs
 
 
 def _knn_config(temperature=0.07, ks=(20,), seed=0, **extra):
@@ -69,7 +69,7 @@ def test_one_run_has_no_std(tmp_path):
     (ranking,) = ranking_tables(collect([tmp_path]).records)
     frame = ranking.frame()
     assert frame["AP ours n"].tolist() == [1] and frame["AP ours std"].isna().all()
-    assert ranking.display()["AP"].tolist() == ["10.0"]
+    assert ranking.display()["AP"].tolist() == ["10.0 [1 seed]"]   # no "± std"; the protocol averages 5 runs
 
 
 def test_diverged_result_is_flagged_and_not_ranked(tmp_path):
@@ -95,7 +95,7 @@ def _table1(results, out, methods=()):
 
 def test_a_method_only_the_layout_suggests_is_not_a_paper_row(tmp_path):
     w = RecordWriter(tmp_path / "runs")
-    w("linear", {"top1": 66.0, "top5": 87.0},
+    w("linear", epochs(66.0, 87.0),
       {**checkpoint("moco_like", "moco", layout="moco"), "method_source": "layout"})
     rows = _table1(tmp_path / "runs", tmp_path / "r1")
     assert rows[rows["Method"] == "MoCo-v2 [8]"]["Linear top-1 ours"].tolist() == ["-"]
