@@ -20,7 +20,7 @@ import os
 import statistics
 import time
 
-import cgh  # noqa: F401  (first: huge pages for torch's tensors, as the cgh command has; cgh/__init__.py)
+import cgh  # noqa: F401  (huge pages are opt-in: run with THP_MEM_ALLOC_ENABLE=1 to measure them)
 import numpy as np
 import torch
 

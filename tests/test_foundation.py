@@ -145,3 +145,11 @@ def test_cli_help_lists_every_command():
     assert out.returncode == 0
     for name in ("data", "pretrain", "inspect", "convert", "eval", "transfer", "report", "compare"):
         assert f"    {name}" in out.stdout
+
+
+def test_importing_cgh_changes_no_environment_variable():
+    """No import-time side effects: huge pages (THP_MEM_ALLOC_ENABLE) are the user's opt-in."""
+    code = "import os, json; before = dict(os.environ); import cgh, cgh.cli; print(json.dumps(dict(os.environ) == before))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "true"
