@@ -72,31 +72,67 @@ def collect(paths: Iterable[str | os.PathLike]) -> Collection:
     return out
 
 
-def assign_methods(records: list[dict], methods: Iterable[str]) -> None:
-    """``--method CKPT=METHOD``: say what a checkpoint is when its file does not (records of a file in
-    MoCo's layout are not placed in the paper's MoCo-v2 row unless the user says so). CKPT is a
-    checkpoint file (matched by its sha256), a sha256 prefix of 8+ hex digits, or the checkpoint's
-    name or file name as recorded."""
+def matching_records(records: list[dict], ckpt: str, option: str) -> list[dict]:
+    """The records of the checkpoint ``ckpt`` names: a checkpoint file (matched by its sha256), a
+    sha256 prefix of 8+ hex digits, or the checkpoint's name or file name as recorded (or its
+    --label). None matching is an error naming ``option``."""
     import re
 
     from cgh.io import sha256_file
 
-    for spec in methods:
-        ckpt, sep, method = spec.partition("=")
-        if not sep or not ckpt or not method.strip():
-            raise CghError(f"--method takes CKPT=METHOD, got {spec!r}")
-        if Path(ckpt).is_file():
-            sha = sha256_file(ckpt)
-            match = lambda ck: ck["sha256"] == sha            # noqa: E731
-        elif re.fullmatch(r"[0-9a-fA-F]{8,64}", ckpt):
-            match = lambda ck: ck["sha256"].startswith(ckpt.lower())   # noqa: E731
-        else:
-            match = lambda ck: ckpt in (ck.get("name"), Path(str(ck.get("path", ""))).name)   # noqa: E731
-        hits = [rec for rec in records if match(rec["checkpoint"])]
-        if not hits:
-            raise CghError(f"--method {ckpt}: no checkpoint of the results matches it")
-        for rec in hits:
-            rec["checkpoint"].update(method=method.strip(), method_source="user")
+    if Path(ckpt).is_file():
+        sha = sha256_file(ckpt)
+        match = lambda ck: ck["sha256"] == sha            # noqa: E731
+    elif re.fullmatch(r"[0-9a-fA-F]{8,64}", ckpt):
+        match = lambda ck: ck["sha256"].startswith(ckpt.lower())   # noqa: E731
+    else:
+        match = lambda ck: ckpt in (ck.get("name"), Path(str(ck.get("path", ""))).name,   # noqa: E731
+                                    ck.get(LABEL_KEY))
+    hits = [rec for rec in records if match(rec["checkpoint"])]
+    if not hits:
+        raise CghError(f"{option} {ckpt}: no checkpoint of the results matches it")
+    return hits
+
+
+def _statements(specs: Iterable[str], option: str, what: str) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        ckpt, sep, value = spec.partition("=")
+        if not sep or not ckpt or not value.strip():
+            raise CghError(f"{option} takes CKPT={what}, got {spec!r}")
+        out.append((ckpt, value.strip()))
+    return out
+
+
+def assign_methods(records: list[dict], methods: Iterable[str]) -> None:
+    """``--method CKPT=METHOD``: say what a checkpoint is when its file does not (records of a file in
+    MoCo's layout are not placed in the paper's MoCo-v2 row unless the user says so)."""
+    for ckpt, method in _statements(methods, "--method", "METHOD"):
+        for rec in matching_records(records, ckpt, "--method"):
+            rec["checkpoint"].update(method=method, method_source="user")
+
+
+# The report's own key for a user's name of a checkpoint; a record file cannot set it (dropped on read).
+LABEL_KEY = "report_label"
+
+
+def assign_labels(records: list[dict], labels: Iterable[str]) -> None:
+    """``--label CKPT=NAME``: the name a checkpoint goes by in every table and plot."""
+    for rec in records:
+        rec["checkpoint"].pop(LABEL_KEY, None)
+    for ckpt, name in _statements(labels, "--label", "NAME"):
+        for rec in matching_records(records, ckpt, "--label"):
+            rec["checkpoint"][LABEL_KEY] = name
+
+
+def reference_sha(records: list[dict], ckpt: str | None) -> str | None:
+    """``--reference CKPT``: the sha256 of the checkpoint the comparison view measures differences to."""
+    if not ckpt:
+        return None
+    shas = {rec["checkpoint"]["sha256"] for rec in matching_records(records, ckpt, "--reference")}
+    if len(shas) > 1:
+        raise CghError(f"--reference {ckpt}: matches {len(shas)} checkpoints; give a file or a sha256 prefix")
+    return shas.pop()
 
 
 # Protocols that validate after every epoch and record both the last and the best epoch's numbers.
@@ -132,6 +168,15 @@ def add_epoch_argument(parser: argparse.ArgumentParser) -> None:
                         help="linear probe and semi-supervised: report the best validation epoch (as the "
                         "CGH authors' scripts did for the paper's numbers) or the last one (default: "
                         f"{DEFAULT_EPOCH}); each cell says which")
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", action="append", default=[], metavar="CKPT=NAME",
+                        help="the name a checkpoint goes by in every table and plot (CKPT as for --method; "
+                        "repeatable)")
+    parser.add_argument("--reference", metavar="CKPT",
+                        help="the checkpoint the comparison view measures differences to (default: the "
+                        "paper's CGH numbers, where the paper has one for the evaluation)")
 
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:

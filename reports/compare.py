@@ -26,7 +26,7 @@ from cgh.errors import CghError
 from cgh.io import atomic_write_text, sha256_file
 from cgh.protocols import load_protocol_config, protocol_module, run_configured
 from cgh.records import RECORD_NAME, RecordError, read_record
-from reports.collect import add_epoch_argument, add_method_argument
+from reports.collect import add_epoch_argument, add_label_arguments, add_method_argument
 
 _PLACEHOLDER = "__set_by_cgh_compare__"
 
@@ -146,6 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="*", default=[], metavar="RUN", help="run only these suite entries")
     parser.add_argument("--title", default="", help="report title")
     add_method_argument(parser)
+    add_label_arguments(parser)
     add_epoch_argument(parser)
 
 
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     records = [o.record for o in outcomes if o.status != "failed"]
     report, paths = make_report(records, work / "report", args.title or f"cgh compare: suite {args.suite}",
                                 described_as=f"{work / 'runs'} (the {len(records)} runs of this comparison)",
-                                methods=args.method, epoch=args.epoch)
+                                methods=args.method, epoch=args.epoch,
+                                labels=args.label, reference=args.reference)
     for path, reason in report.collection.skipped:
         print(f"skipped {display_text(path, None)}: {display_text(reason, None)}")
     for table in report.rankings:

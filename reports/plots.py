@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from cgh.records import NAME_LIMIT, display_text
 from reports.settings import checkpoint_settings
-from reports.tables import checkpoint_labels, summary_table
+from reports.tables import checkpoint_labels
 
 DPI = 100
 # loss terms of cgh.losses in the pretraining history: global-hypercolumn, hypercolumn-global,
@@ -194,35 +194,38 @@ def positive_selection(records: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def checkpoint_bars(records: list[dict]) -> bytes | None:
-    """Grouped bars: each evaluation's main metric, one bar per checkpoint, std as error bar."""
-    table = summary_table(records)
-    if not table.rows or not table.value_columns:
-        return None
-    cols = table.value_columns
-    n = len(table.rows)
-    width = 0.8 / n
-    fig = Figure(figsize=(max(6.0, 1.9 * len(cols) + 2), 4.4))
-    ax = fig.subplots()
-    for i, row in enumerate(table.rows):
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(cols))]
-        means = [row.cells[c].mean if row.cells[c].n else math.nan for c in cols]
-        errs = [row.cells[c].std or 0.0 if row.cells[c].n else math.nan for c in cols]
-        ax.bar(xs, means, width, yerr=errs, capsize=2,
-               label=plot_text(f"{row.labels['Checkpoint']} ({row.labels['Method']})"))
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([textwrap.fill(plot_text(c, None), 22) for c in cols], fontsize=7)
-    ax.set(title="Checkpoints across protocols (main metric; missing = no bar)", ylabel="score (%)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    return _png(fig)
+def comparison_plots(table) -> dict[str, tuple[str, bytes]]:
+    """One small bar chart per column of the comparison view (``summary_table``), drawn from its
+    aggregated rows (a bar per checkpoint row, std as error bar; the paper's number as a dashed line),
+    so the cost grows with checkpoints x evaluations, not with the number of records."""
+    ours = [r for r in table.rows if r.kind == "ours"]
+    paper = next((r for r in table.rows if r.kind == "paper"), None)
+    out = {}
+    for i, col in enumerate(table.value_columns):
+        rows = [r for r in ours if r.cells[col].n]
+        if not rows:
+            continue
+        fig = Figure(figsize=(2.3, 0.45 + 0.22 * len(rows)))
+        ax = fig.subplots()
+        ys = list(range(len(rows)))[::-1]
+        ax.barh(ys, [r.cells[col].mean for r in rows], xerr=[r.cells[col].std or 0.0 for r in rows],
+                color=["#2a6fb0" if (table.rows.index(r), col) in table.best else "#9ab" for r in rows],
+                capsize=2, height=0.7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([plot_text(r.labels["Checkpoint"], 18) for r in rows], fontsize=6)
+        if paper is not None and paper.cells[col].n:
+            ax.axvline(paper.cells[col].mean, color="#b33", linestyle="--", linewidth=1)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(textwrap.fill(plot_text(col, None), 34), fontsize=6.5)
+        ax.grid(alpha=0.3, axis="x")
+        out[f"compare_{i:02d}"] = (col, _png(fig))
+    return out
 
 
 PLOTS = {
     "training_curves": ("Training curves", training_curves),
     "knn_vs_k": ("kNN accuracy vs k", knn_vs_k),
     "positive_selection": ("Positive-sample selection (paper Fig. 2)", positive_selection),
-    "checkpoints": ("Checkpoints across protocols", checkpoint_bars),
 }
 
 

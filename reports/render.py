@@ -24,7 +24,7 @@ from cgh.errors import CghError
 from cgh.io import atomic_write_bytes
 from cgh.records import display_text, utc_now
 from reports.collect import Collection
-from reports.plots import all_plots
+from reports.plots import all_plots, comparison_plots
 from reports.tables import DASH, Table, paper_tables, ranking_tables, summary_table
 
 NOTES = (
@@ -45,16 +45,21 @@ class Report:
     paper: list[Table]
     rankings: list[Table]
     plots: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    comparison_plots: dict[str, tuple[str, bytes]] = field(default_factory=dict)   # one per summary column
 
     @property
     def tables(self) -> list[Table]:
         return [self.summary] + self.paper + self.rankings
 
 
-def build_report(collection: Collection, sources: list[str], title: str = "CGH report") -> Report:
+def build_report(collection: Collection, sources: list[str], title: str = "CGH report",
+                 reference_sha: str | None = None) -> Report:
+    """Every table and plot of the records; ``reference_sha``: the checkpoint the comparison view
+    measures differences to (default: the paper's CGH numbers)."""
     recs = collection.records
-    return Report(title, collection, [str(s) for s in sources], summary_table(recs), paper_tables(recs),
-                  ranking_tables(recs), all_plots(recs))
+    summary = summary_table(recs, reference_sha)
+    return Report(title, collection, [str(s) for s in sources], summary, paper_tables(recs),
+                  ranking_tables(recs), all_plots(recs), comparison_plots(summary))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,15 +72,18 @@ def md_text(text) -> str:
     return html.escape(display_text(text, None), quote=False).replace("|", "\\|").replace("`", "\\`")
 
 
-def markdown_table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame, best: set[tuple[int, str]] = frozenset()) -> str:
+    """A Markdown table; cells in ``best`` ((row index, column)) in bold."""
     header = "| " + " | ".join(md_text(c) for c in df.columns) + " |"
     sep = "| " + " | ".join("---" for _ in df.columns) + " |"
-    body = ["| " + " | ".join(md_text(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(f"**{md_text(v)}**" if (i, c) in best else md_text(v)
+                              for c, v in zip(df.columns, row)) + " |"
+            for i, row in enumerate(df.itertuples(index=False))]
     return "\n".join([header, sep, *body])
 
 
 def _md_section(table: Table, level: str = "##") -> str:
-    body = markdown_table(table.display()) if table.rows else "_No runs._"
+    body = markdown_table(table.display(), table.best) if table.rows else "_No runs._"
     return f"{level} {md_text(table.title)}\n\n{md_text(table.caption)}\n\n{body}\n"
 
 
@@ -86,7 +94,9 @@ def to_markdown(report: Report, plot_dir: str = "plots") -> str:
     if c.skipped:
         lines += [f"Skipped {len(c.skipped)} file(s) that are not valid records or repeat one:", ""]
         lines += [f"- {md_text(path)}: {md_text(reason)}" for path, reason in c.skipped] + [""]
-    lines += [NOTES, "", _md_section(report.summary)]
+    lines += [_md_section(report.summary)]
+    lines += [f"![{md_text(title)}]({plot_dir}/{name}.png)" for name, (title, _) in report.comparison_plots.items()]
+    lines += ["", NOTES, ""]
     lines += ["# Paper tables", ""] + [_md_section(t) for t in report.paper]
     if report.rankings:
         lines += ["# Checkpoint rankings", ""] + [_md_section(t) for t in report.rankings]
@@ -119,7 +129,8 @@ def to_latex(table: Table) -> str:
              rf"\caption{{{latex_escape(table.title)}. {latex_escape(table.caption)}}}",
              rf"\label{{tab:{table.key}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(latex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    lines += [" & ".join(rf"\textbf{{{latex_escape(v)}}}" if (i, c) in table.best else latex_escape(v)
+                         for c, v in zip(df.columns, row)) + r" \\" for i, row in enumerate(df.itertuples(index=False))]
     if not table.rows:
         lines.append(rf"\multicolumn{{{len(df.columns)}}}{{c}}{{no runs}} \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
@@ -137,6 +148,11 @@ table.report{border-collapse:collapse;font-size:12px;margin:8px 0 4px}
 table.report th,table.report td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
 table.report th{background:#f0f0f0}
 table.report .label{text-align:left}
+table.compare th{white-space:normal;max-width:150px;vertical-align:bottom}
+table.compare tr.paper td{font-style:italic;color:#555}
+.small-plots{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}.small-plots img{width:180px;border:1px solid #eee}
+.show-all{margin:6px 4px 0 0}.show-all+label{font-size:13px;color:#335}
+.show-all:not(:checked)~div table tr.paper-only{display:none}
 p.caption{color:#555;font-size:13px;margin:4px 0}
 figure{margin:16px 0}figure img{max-width:100%;border:1px solid #eee}
 .skipped{color:#a33}.notes{font-size:13px;color:#444;max-width:1000px}
@@ -149,7 +165,7 @@ def html_text(text) -> str:
     return html.escape(display_text(text, None))
 
 
-def _html_table(table: Table) -> str:
+def _html_table(table: Table, css_class: str = "report") -> str:
     if not table.rows:
         return '<p class="caption"><em>No runs.</em></p>'
     df = table.display()
@@ -157,17 +173,40 @@ def _html_table(table: Table) -> str:
     head = "".join(f'<th class="label">{html_text(str(c))}</th>' if i < n_labels else
                    f"<th>{html_text(str(c))}</th>" for i, c in enumerate(df.columns))
     body = []
-    for row in df.itertuples(index=False):
-        cells = [f'<td class="label">{html_text(str(v))}</td>' if i < n_labels else
-                 f"<td>{html_text(str(v))}</td>" for i, v in enumerate(row)]
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="scroll"><table class="report" id="table-{html_text(table.key)}">'
+    for r, (row, values) in enumerate(zip(table.rows, df.itertuples(index=False))):
+        cells = []
+        for i, (c, v) in enumerate(zip(df.columns, values)):
+            text = f"<b>{html_text(str(v))}</b>" if (r, c) in table.best else html_text(str(v))
+            cells.append(f'<td class="label">{text}</td>' if i < n_labels else f"<td>{text}</td>")
+        kind = f' class="{row.kind}"' if row.kind != "ours" else ""
+        body.append(f"<tr{kind}>" + "".join(cells) + "</tr>")
+    return (f'<div class="scroll"><table class="{css_class}" id="table-{html_text(table.key)}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _html_section(table: Table) -> str:
+    """Title, caption, table; paper rows without a run of ours are folded away behind a "show all"
+    switch (plain CSS, the page has no script)."""
+    hidden = sum(r.kind == "paper-only" for r in table.rows)
+    switch = ""
+    if hidden:
+        paper_rows = sum(r.kind != "ours" or r.labels.get("Paper setting", "-") != "-" for r in table.rows)
+        switch = (f'<input type="checkbox" class="show-all" id="all-{html_text(table.key)}">'
+                  f'<label for="all-{html_text(table.key)}">show all {paper_rows} paper rows '
+                  f"({hidden} without a run of ours)</label>\n")
     return (f"<h2>{html_text(table.title)}</h2>\n<p class=\"caption\">{html_text(table.caption)}</p>\n"
-            f"{_html_table(table)}\n")
+            f"<div>{switch}{_html_table(table)}</div>\n")
+
+
+def _html_comparison(report: Report) -> str:
+    """The first screen: which checkpoint is best on each protocol, by how much, against the reference."""
+    table = report.summary
+    plots = "".join(f'<img alt="{html_text(title)}" title="{html_text(title)}" '
+                    f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                    for title, png in report.comparison_plots.values())
+    return (f'<section id="comparison"><h2>{html_text(table.title)}</h2>\n'
+            f'<p class="caption">{html_text(table.caption)}</p>\n{_html_table(table, "report compare")}\n'
+            + (f'<div class="small-plots">{plots}</div>' if plots else "") + "</section>\n")
 
 
 def to_html(report: Report) -> str:
@@ -178,11 +217,13 @@ def to_html(report: Report) -> str:
              f"<p>Generated {html_text(utc_now())} from {len(c.records)} record(s) under: "
              + ", ".join(f"<code>{html_text(s)}</code>" for s in report.sources) + ".</p>"]
     if c.skipped:
+        parts.append(f'<p class="skipped">Skipped {len(c.skipped)} file(s): <a href="#skipped">see the list</a>.</p>')
+    parts.append(_html_comparison(report))
+    if c.skipped:
         items = "".join(f"<li><code>{html_text(p)}</code>: {html_text(r)}</li>" for p, r in c.skipped)
-        parts.append(f'<div class="skipped"><p>Skipped {len(c.skipped)} file(s) that are not valid '
+        parts.append(f'<div class="skipped" id="skipped"><p>Skipped {len(c.skipped)} file(s) that are not valid '
                      f"records or repeat one:</p><ul>{items}</ul></div>")
     parts.append(f'<p class="notes">{html_text(NOTES).replace("`", "")}</p>')
-    parts.append(_html_section(report.summary))
     parts.append("<h1>Paper tables</h1>")
     parts += [_html_section(t) for t in report.paper]
     if report.rankings:
@@ -216,7 +257,7 @@ def write_report(report: Report, out_dir: str | os.PathLike) -> dict[str, Path]:
         # CSV keeps the numbers (mean, std, n, delta in separate columns); "-" marks a missing one.
         files[f"tables/{table.key}.csv"] = table.frame().round(6).to_csv(index=False, na_rep=DASH).encode()
         files[f"tables/{table.key}.tex"] = to_latex(table).encode()
-    for name, (_, png) in report.plots.items():
+    for name, (_, png) in {**report.comparison_plots, **report.plots}.items():
         files[f"plots/{name}.png"] = png
     files["report.html"] = to_html(report).encode()
     files["report.md"] = to_markdown(report).encode()       # last: renamed into place last

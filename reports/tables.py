@@ -27,7 +27,7 @@ import pandas as pd
 
 from cgh.records import display_text
 from cgh.run_folder import LAUNCH_KEYS
-from reports.collect import EPOCH_PROTOCOLS
+from reports.collect import EPOCH_PROTOCOLS, LABEL_KEY
 from reports.settings import DEFAULT_LAYERS, DEFAULT_TAU_H, Settings, checkpoint_settings, layers_label
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
@@ -43,6 +43,8 @@ class Cell:
     samples: list[float] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)     # e.g. "diverged": shown beside the number
     protocols: set[str] = field(default_factory=set)
+    ref_delta: float | None = None     # comparison view: mean minus the reference's number
+    is_reference: bool = False         # comparison view: this cell is the reference
 
     def add(self, rec: dict, metric: str) -> None:
         """Take ``rec``'s values of ``metric``, and its flags."""
@@ -84,6 +86,7 @@ class Cell:
 class Row:
     labels: dict[str, str]
     cells: dict[str, Cell]
+    kind: str = "ours"      # "ours"; "paper-only": a paper row without a run of ours; "paper": a paper number
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Table:
     rows: list[Row]
     reference: bool = True
     decimals: int = 1
+    best: set[tuple[int, str]] = field(default_factory=set)   # (row index, column): best in its column
 
     def frame(self) -> pd.DataFrame:
         """Numbers: paper, ours mean / std / n, delta per value column (NaN where missing)."""
@@ -158,6 +162,10 @@ def format_cell(cell: Cell, decimals: int = 1) -> str:
         return DASH
     text = fmt(cell.mean, decimals) if cell.n == 1 else \
         f"{fmt(cell.mean, decimals)} ± {fmt(cell.std, decimals)} ({cell.n})"
+    if cell.is_reference:
+        text += " (ref)"
+    elif cell.ref_delta is not None:
+        text += f" (Δ {fmt(cell.ref_delta, decimals, signed=True)})"
     return text + "".join(f" [{flag}]" for flag in sorted(cell.shown_flags))
 
 
@@ -462,7 +470,7 @@ def build_table(spec: TableSpec, records: list[dict]) -> Table:
                     cells[h].samples, cells[h].flags, cells[h].protocols = cell.samples, cell.flags, cell.protocols
                 setting = our_setting(gkey, used)
             rows.append(Row({"Method": label, "Paper setting": _paper_setting(ref_rows, spec.by_dataset),
-                             "Ours setting": setting}, cells))
+                             "Ours setting": setting}, cells, "ours" if gkey is not None else "paper-only"))
     for gkey in sorted((k for k in groups if k not in placed), key=_sort_key):
         ours, used = our_cells(groups[gkey])
         cells = {h: ours.get(h, Cell()) for h in headers}
@@ -509,6 +517,9 @@ def checkpoint_labels(records: list[dict]) -> dict[str, str]:
     for rec in records:
         ck = rec["checkpoint"]
         paths.setdefault(ck["sha256"], str(ck.get("path") or ck.get("name") or ck["sha256"][:12]))
+    named = {rec["checkpoint"]["sha256"]: display_text(rec["checkpoint"][LABEL_KEY])
+             for rec in records if rec["checkpoint"].get(LABEL_KEY)}       # cgh report --label
+    paths = {sha: p for sha, p in paths.items() if sha not in named}
     stems: dict[str, list[str]] = {}
     for sha, p in paths.items():
         stems.setdefault(_stem(p), []).append(sha)
@@ -518,6 +529,7 @@ def checkpoint_labels(records: list[dict]) -> dict[str, str]:
             p = Path(paths[sha])
             labels[sha] = display_text(stem if len(shas) == 1 else f"{p.parent.name}/{stem}")
     # still ambiguous (same folder and stem): add the hash
+    labels.update(named)
     counts: dict[str, int] = {}
     for v in labels.values():
         counts[v] = counts.get(v, 0) + 1
@@ -615,13 +627,42 @@ def _file_key(name: str, limit: int = 100) -> str:
     return key if len(key) <= limit else f"{key[:limit - 9]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def summary_table(records: list[dict]) -> Table:
-    """One row per checkpoint, one column per evaluation (its ranking metric): the overview."""
+# The paper's CGH row for the comparison view: IN-1K ResNet-50 200 epochs (Tables 1, 3, 4).
+HEADLINE_PAPER_TABLES = ("table1", "table3", "table4")
+PAPER_REFERENCE_ROW = "CGH"
+
+
+def paper_number(protocol: str, metric: str, dataset: str, subset: str, row: str = PAPER_REFERENCE_ROW) -> float | None:
+    """The paper's number for this evaluation (protocol, headline metric, dataset, subset) in its
+    main tables, for the row ``row``; None where the paper has none (another dataset, a metric it
+    does not print)."""
+    ref = reference()
+    for spec in PAPER_TABLES:
+        if spec.key not in HEADLINE_PAPER_TABLES:
+            continue
+        for c in spec.columns:
+            if protocol not in c.protocols or c.metric != metric or (c.subset or "") != (subset or ""):
+                continue
+            hits = ref[(ref["table"] == spec.key) & (ref["row"] == row) & (ref["column"] == c.key)]
+            for _, r in hits.iterrows():
+                if dataset_key(r["dataset"]) == dataset_key(dataset) and not pd.isna(r["value"]):
+                    return float(r["value"])
+    return None
+
+
+def summary_table(records: list[dict], reference_sha: str | None = None) -> Table:
+    """The comparison view, the report's first screen: one row per checkpoint (and per evaluation
+    setting), one column per evaluation (its headline metric), the best of each column marked.
+
+    Each number shows its difference to the reference: the checkpoint ``reference_sha`` (``cgh report
+    --reference``), or by default the paper's CGH number where the paper has one for that evaluation
+    (IN-1K linear, kNN, semi-supervised; VOC07+12 detection), shown as a "CGH (paper)" row."""
     labels = checkpoint_labels(records)
     evals = sorted({_eval_key(r) for r in records if r["protocol"] in PROTOCOL_METRICS}, key=_natural)
     headers = _unique_headers({k: f"{_eval_title(k)}: {PROTOCOL_METRICS[k[0]][0]}" for k in evals})
     variant = variants(records)
     rows: dict[tuple, Row] = {}
+    row_sha: dict[tuple, str] = {}
     for rec in records:
         key = _eval_key(rec)
         if key not in headers:
@@ -634,8 +675,43 @@ def summary_table(records: list[dict]) -> Table:
             name = f"{labels[sha]} [{row_key[1]}]" if differs else labels[sha]
             rows[row_key] = Row({"Checkpoint": name, "Method": display_text(settings.label)},
                                 {h: Cell() for h in headers.values()})
+            row_sha[row_key] = sha
         rows[row_key].cells[headers[key]].add(rec, PROTOCOL_METRICS[key[0]][0])
     ordered = [rows[k] for k in sorted(rows)]
-    return Table("summary", "Summary: checkpoints across protocols",
-                 "Each protocol's main metric; mean ± std (n) where runs repeat.",
-                 ["Checkpoint", "Method"], list(headers.values()), ordered, reference=False)
+    ours = list(ordered)
+
+    paper = {h: paper_number(k[0], PROTOCOL_METRICS[k[0]][0], k[1], k[2]) for k, h in headers.items()}
+    if reference_sha is not None:
+        ref_rows = [rows[k] for k in sorted(rows) if row_sha[k] == reference_sha]
+        ref_row = next((r for r in ref_rows if "[" not in r.labels["Checkpoint"]), ref_rows[0] if ref_rows else None)
+        ref_values = {h: (c.mean if c.n else None) for h, c in ref_row.cells.items()} if ref_row else {}
+        if ref_row is not None:
+            for cell in ref_row.cells.values():
+                cell.is_reference = cell.n > 0
+        what = f"the reference checkpoint {ref_row.labels['Checkpoint']}" if ref_row else "the reference"
+    else:
+        ref_row, ref_values, what = None, paper, "the paper's CGH number (IN-1K, ResNet-50, 200 epochs)"
+    if any(v is not None for v in paper.values()):
+        paper_cells = {h: Cell(samples=[v] if v is not None else []) for h, v in paper.items()}
+        ordered.append(Row({"Checkpoint": "CGH (paper)", "Method": "CGH"}, paper_cells, "paper"))
+        if reference_sha is None:
+            for cell in paper_cells.values():
+                cell.is_reference = cell.n > 0
+    for row in ours:
+        if row is ref_row:
+            continue
+        for h, cell in row.cells.items():
+            if cell.n and ref_values.get(h) is not None:
+                cell.ref_delta = cell.mean - ref_values[h]
+
+    best = set()
+    for h in headers.values():
+        scores = [(i, row.cells[h].mean) for i, row in enumerate(ours)
+                  if row.cells[h].n and "diverged" not in row.cells[h].flags]
+        if len(scores) > 1:
+            top = max(v for _, v in scores)
+            best |= {(i, h) for i, v in scores if v == top}
+    return Table("summary", "Comparison: checkpoints across protocols",
+                 "Each evaluation's headline metric (higher is better); mean ± std (n) where runs repeat; "
+                 f"bold = best in its column; (Δ ...) = difference to {what}.",
+                 ["Checkpoint", "Method"], list(headers.values()), ordered, reference=False, best=best)

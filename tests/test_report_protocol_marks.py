@@ -77,3 +77,49 @@ def test_bf16_features_are_marked(tmp_path):
     table = ranking_tables(_records(tmp_path))[0]
     by_name = {r.labels["Checkpoint"]: format_cell(r.cells["top1"]) for r in table.rows}
     assert by_name == {"fast": "40.0 [bf16]", "ref": "40.1"}
+
+
+def _comparison(tmp_path, **kw):
+    from reports.cli import make_report
+
+    report, _ = make_report([tmp_path / "results"], tmp_path / "report", **kw)
+    return report.summary.display().set_index("Checkpoint"), report.summary
+
+
+def _imagenet_runs(tmp_path):
+    w = RecordWriter(tmp_path / "results")
+    for name, lin, knn in (("mine", 71.0, 60.0), ("theirs", 68.0, 63.9)):
+        ck = checkpoint(name)
+        w("linear", {**LINEAR, "top1_best": lin, "top1": lin - 1}, ck, dataset="imagenet")
+        w("knn", {"top1": knn, "top5": 80.0, "best_k": 20}, ck, dataset="imagenet")
+
+
+def test_comparison_view_measures_to_the_paper_cgh_row_by_default(tmp_path):
+    _imagenet_runs(tmp_path)
+    shown, table = _comparison(tmp_path)
+    lin, knn = "Linear probe on imagenet: top1", "kNN on imagenet: top1"
+    # Table 1 of the paper: CGH 70.5 linear, 62.9 kNN (IN-1K, ResNet-50, 200 epochs)
+    assert shown.loc["CGH (paper)", lin] == "70.5 (ref)" and shown.loc["CGH (paper)", knn] == "62.9 (ref)"
+    assert shown.loc["mine", lin] == "71.0 (Δ +0.5)" and shown.loc["theirs", knn] == "63.9 (Δ +1.0)"
+    rows = [r.labels["Checkpoint"] for r in table.rows]
+    assert table.best == {(rows.index("mine"), lin), (rows.index("theirs"), knn)}   # the paper row never wins
+
+
+def test_comparison_view_reference_checkpoint_and_labels(tmp_path):
+    _imagenet_runs(tmp_path)
+    shown, _ = _comparison(tmp_path, reference="theirs", labels=["mine=My method", "theirs=Baseline"])
+    lin = "Linear probe on imagenet: top1"
+    assert shown.loc["Baseline", lin] == "68.0 (ref)" and shown.loc["My method", lin] == "71.0 (Δ +3.0)"
+    assert shown.loc["CGH (paper)", lin] == "70.5"
+    with pytest.raises(CghError, match="--reference nobody"):
+        _comparison(tmp_path, reference="nobody")
+    with pytest.raises(CghError, match="--label takes CKPT=NAME"):
+        _comparison(tmp_path, labels=["mine"])
+
+
+def test_a_record_cannot_name_itself(tmp_path):
+    """The label key belongs to the report (--label); one planted in a record file is ignored."""
+    w = RecordWriter(tmp_path / "results")
+    w("knn", {"top1": 50.0, "top5": 80.0, "best_k": 20}, {**checkpoint("planted"), "report_label": "CGH (paper)"})
+    shown, _ = _comparison(tmp_path)
+    assert list(shown.index) == ["planted"]

@@ -308,14 +308,18 @@ def test_write_report_outputs_markdown_csv_latex_html_and_plots(tmp_path):
         assert f"## {t.title}" in md
     assert md.count("| --- |") >= len([t for t in tables if t.rows])
     assert "| CGH | IN-1K · ResNet-50 · 200 ep · bs 256 | synthshapes · ResNet-18 · 8 ep | 53.2 | 50.0 | -3.2 |" in md
-    assert set(report.plots) == {"training_curves", "knn_vs_k", "positive_selection", "checkpoints"}
-    for name in report.plots:
+    assert set(report.plots) == {"training_curves", "knn_vs_k", "positive_selection"}
+    # the comparison view: a small plot per evaluation (kNN, fast linear, semi 1 % / 10 %, VOC, COCO, seg)
+    assert [title for title, _ in report.comparison_plots.values()] == report.summary.value_columns
+    assert len(report.comparison_plots) == 7
+    for name in {**report.plots, **report.comparison_plots}:
         png = (paths["plots"] / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{name}.png" in md
     html = paths["html"].read_text()
-    assert html.count("<img ") == 4 and html.count("data:image/png;base64,") == 4
-    assert html.count('<table class="report"') == len([t for t in tables if t.rows])
+    assert html.count("<img ") == 10 and html.count("data:image/png;base64,") == 10
+    assert html.count('<table class="report') == len([t for t in tables if t.rows])
+    assert html.index('<section id="comparison">') < html.index("<h1>Paper tables</h1>")
     assert "src=\"http" not in html and "<link" not in html                  # self-contained
 
 
@@ -325,7 +329,7 @@ def test_plots_are_skipped_without_data_and_drawn_from_records(tmp_path):
     w("knn", {"top1": 50.0, "top5": 80.0, "top1_k10": 48.0, "top1_k20": 50.0}, checkpoint("a"))
     recs = collect([tmp_path]).records
     out = plots.all_plots(recs)
-    assert set(out) == {"knn_vs_k", "checkpoints"}                          # no pretraining record: no curves
+    assert set(out) == {"knn_vs_k"}                                         # no pretraining record: no curves
     assert out["knn_vs_k"][1][:4] == b"\x89PNG"
 
 
