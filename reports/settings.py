@@ -23,6 +23,9 @@ METHOD_LABELS = {
     "random_init": "Random init",
 }
 
+# layouts whose 1000-class classifier makes the hub guess "supervised" -> who writes such files
+SUPERVISED_SOURCES = {"torchvision": "torchvision", "state-dict": "timm / PyTorch example"}
+
 ARCH_LABELS = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
                "resnet101": "ResNet-101", "resnet152": "ResNet-152", "wide_resnet50_2": "WRN-50-2"}
 
@@ -108,7 +111,10 @@ def checkpoint_settings(ckpt: dict) -> Settings:
         label = METHOD_LABELS.get(method.lower(), method)
         if method_source(ckpt) == "layout":
             # any file in MoCo's layout is not therefore MoCo-v2: never put it in a paper row
-            label = f"method unknown ({ckpt.get('layout') or '?'} layout)"
+            layout = str(ckpt.get("layout") or "?")
+            label = f"method unknown ({layout} layout)"
+            if method == "supervised" and layout in SUPERVISED_SOURCES:     # an ImageNet classifier's file
+                label = f"supervised ({SUPERVISED_SOURCES[layout]})"
         return Settings(label=label, method=method, arch=arch, epochs=epochs, known=False,
                         file_id=str(ckpt.get("sha256", "")), layout=str(ckpt.get("layout", "")),
                         name=str(ckpt.get("name", "")))

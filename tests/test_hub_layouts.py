@@ -297,8 +297,8 @@ CASES = {
     "canonical": (save_cgh_canonical, "canonical", "cgh", []),
     "cgh-train": (save_cgh_train, "cgh-train", "cgh",
                   ["model/teacher_backbone.conv1.weight", "model/student_global_head.0.weight", "optimizer"]),
-    "torchvision": (save_torchvision, "torchvision", "unknown", ["fc.weight", "fc.bias"]),
-    "timm-safetensors": (save_timm_safetensors, "torchvision", "unknown", ["fc.weight"]),
+    "torchvision": (save_torchvision, "torchvision", "supervised", ["fc.weight", "fc.bias"]),
+    "timm-safetensors": (save_timm_safetensors, "torchvision", "supervised", ["fc.weight"]),
     "dino-release": (save_dino_release, "torchvision", "unknown", []),
     "moco": (save_moco, "moco", "moco",
              ["state_dict/module.queue", "state_dict/module.encoder_q.fc.0.weight",
@@ -324,7 +324,7 @@ CASES = {
     "detectron2-trained": (save_detectron2_trained, "detectron2", "unknown",
                            ["model/proposal_generator.rpn_head.conv.weight", "iteration"]),
     "mmseg": (save_mmseg, "mmseg", "cgh", ["meta"]),
-    "timm-train": (save_timm_train, "state-dict", "unknown", ["state_dict/fc.weight", "optimizer", "metric"]),
+    "timm-train": (save_timm_train, "state-dict", "supervised", ["state_dict/fc.weight", "optimizer", "metric"]),
 }
 
 
@@ -426,3 +426,25 @@ def test_cli_lists_every_layout(capsys):
     assert cgh_main(["inspect", "--layouts"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == [layout.name for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("wrap, label", [(lambda sd: sd, "supervised (torchvision)"),
+                                         (lambda sd: {"epoch": 90, "arch": "resnet18", "state_dict": sd},
+                                          "supervised (timm / PyTorch example)")])
+def test_a_plain_state_dict_with_an_imagenet_head_is_labelled_supervised(resnet18, tmp_path, wrap, label):
+    """torchvision's and timm's ImageNet classifiers keep their 1000-class fc: the report names them
+    "supervised (...)" (a guess from the layout, so never the paper's Supervised row)."""
+    from reports.settings import checkpoint_settings
+
+    head = {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    path = tmp_path / "classifier.pth"
+    torch.save(wrap({**backbone_state_dict(resnet18), **head}), path)
+    ck = load_backbone(path)
+    assert (ck.method, ck.method_source) == ("supervised", "layout")
+    assert checkpoint_settings(ck.identity()).label == label
+
+    # without the ImageNet head (an SSL backbone, a 10-class fine-tune) nothing is guessed
+    torch.save(wrap({**backbone_state_dict(resnet18), "fc.weight": torch.zeros(10, 512)}), path)
+    ck = load_backbone(path)
+    assert ck.method == "unknown"
+    assert checkpoint_settings(ck.identity()).label == f"method unknown ({ck.layout} layout)"

@@ -259,7 +259,7 @@ def _extract(path: Path, obj: dict, sha: str, layout, where, prefix: str, names:
                 if k not in used and not (isinstance(k, str) and k.startswith(prefix)
                                           and k.endswith("num_batches_tracked"))]
     train_config = _train_config(path, obj, layout)
-    method, method_source = _method(path, obj, layout, train_config)
+    method, method_source = _method(path, obj, layout, train_config, sub, prefix)
     ck = LoadedCheckpoint(path=path, state_dict=state_dict, arch=arch, layout=layout.name, sha256=sha,
                           method=method, method_source=method_source, epoch=_epoch(obj),
                           train_config=train_config, ignored=ignored)
@@ -302,8 +302,19 @@ def _stated_source(meta: dict) -> str:
     return "layout" if meta.get("method_source") == "layout" else "file"
 
 
-def _method(path: Path, obj: dict, layout, train_config: dict | None) -> tuple[str, str]:
-    """(method, "file") where the file states its method, else (the layout's guess, "layout")."""
+IMAGENET_CLASSES = 1000
+SUPERVISED_LAYOUTS = ("torchvision", "state-dict")   # plain model state dicts that keep their classifier
+
+
+def _method(path: Path, obj: dict, layout, train_config: dict | None, sub: dict | None = None,
+            prefix: str = "") -> tuple[str, str]:
+    """(method, "file") where the file states its method, else (the layout's guess, "layout"). A
+    plain state dict with a 1000-class ``fc`` is guessed "supervised" (torchvision's and timm's
+    ImageNet classifiers), still only a guess from the layout (a linear probe's file looks the same)."""
+    if layout.name in SUPERVISED_LAYOUTS and sub is not None:
+        fc = sub.get(f"{prefix}fc.weight")
+        if isinstance(fc, (torch.Tensor, np.ndarray)) and len(fc.shape) == 2 and fc.shape[0] == IMAGENET_CLASSES:
+            return "supervised", "layout"
     method = None
     if layout.name == "solo-learn":
         hp = obj.get("hyper_parameters")
