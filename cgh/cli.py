@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("transfer.cli_transfer", "detection/segmentation transfer: voc, coco, seg"),
     "report": ("reports.cli", "build the paper-shaped report from result.json records"),
     "compare": ("reports.compare", "run a protocol suite on several checkpoints and rank them"),
+    "runs": ("reports.runs", "list what has been run under folders: records, and runs not finished"),
 }
 
 

@@ -164,6 +164,21 @@ def _lock(out: Path) -> int:
     return fd
 
 
+def folder_in_use(out: str | os.PathLike) -> bool:
+    """True while a cgh process holds ``out``'s lock (a run is going on there), without taking it."""
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+
+
 def _unlock(fd: int) -> None:
     try:
         os.close(fd)          # closing the descriptor releases the flock
