@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from cgh.errors import CghError
 
 MODES = ("cross", "same", "global")
-SCHEDULES = ("authors", "paper")
+# authors: CGH's code (InfoNCE warm-up, weights 0.5); paper: CGH eq. 6 (plain sum); ressl: ReSSL's
+# own objective (global mode only: the relational term at weight 1 from the first step, no InfoNCE).
+SCHEDULES = ("authors", "paper", "ressl")
 
 
 def similarities(embeddings: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
@@ -145,8 +147,10 @@ def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: floa
     by ``w_cross`` and adds ``w_infonce * infonce`` (``warmup_weights``; InfoNCE on the global and,
     when present, the hypercolumn branch, summed); in global mode the single term gets ``2 *
     w_cross`` so that it ends at weight 1 like ReSSL. ``"paper"``: the plain sum of the relational
-    terms (eq. 6), no InfoNCE. ``compiled``: the relational terms through ``torch.compile``
-    (``run.compile``; the same values, fewer kernels).
+    terms (eq. 6), no InfoNCE. ``"ressl"`` (global mode only): ReSSL's official loss,
+    ``CE(softmax(s . Q / tau_s), softmax(t . Q / tau_t))`` at weight 1 from the first step with no
+    warm-up term (ReSSL's ``ressl.py``); the same numbers as ``"paper"`` there. ``compiled``: the
+    relational terms through ``torch.compile`` (``run.compile``; the same values, fewer kernels).
 
     Returns ``{"total": scalar with gradient, <each term>: detached scalar, "infonce": detached
     scalar (0 when its weight is 0), "w_cross": float, "w_infonce": float}``.
@@ -155,6 +159,8 @@ def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: floa
         raise CghError(f"unknown loss mode '{mode}'; expected one of {', '.join(MODES)}")
     if schedule not in SCHEDULES:
         raise CghError(f"unknown loss schedule '{schedule}'; expected one of {', '.join(SCHEDULES)}")
+    if schedule == "ressl" and mode != "global":
+        raise CghError(f"loss schedule 'ressl' is ReSSL's objective and needs mode 'global' (got '{mode}')")
     has_hyper = outputs.get("teacher_hyper") is not None
     if mode != "global" and not has_hyper:
         raise CghError(f"loss mode '{mode}' needs the hypercolumn branch (use_hypercolumn=True)")
@@ -167,7 +173,7 @@ def cgh_loss(outputs: dict, mode: str = "cross", tau_s: float = 0.1, tau_t: floa
         terms = fn(sg, outputs["student_hyper"], tg, outputs["teacher_hyper"], qg,
                    outputs["queue_hyper"], tau_s, tau_t, tau_h, compiled)
 
-    if schedule == "paper":
+    if schedule in ("paper", "ressl"):
         w = {"w_infonce": 0.0, "w_cross": 1.0}
     else:
         w = warmup_weights(step, warmup_steps)

@@ -15,7 +15,7 @@ from torch import nn
 
 from cgh.backbone import ARCHS, build_backbone, feature_dim
 from cgh.batchnorm import (batch_shuffle_ddp, batch_shuffle_single, batch_unshuffle_ddp,
-                           batch_unshuffle_single, convert_split_batchnorm)
+                           batch_unshuffle_single, check_split_order, convert_split_batchnorm)
 from cgh.errors import CghError
 from cgh.queue import DualQueue, validate_queue
 
@@ -136,7 +136,9 @@ class CGHModel(nn.Module):
 
     ``teacher_bn``: ``"split"`` (authors' single-device setup: every backbone BatchNorm of student
     and teacher computes its batch statistics over ``bn_splits`` groups, and the teacher's batch is
-    shuffled on the device first, so its groups differ from the student's); ``"shuffle"`` (MoCo's
+    shuffled on the device first, so its groups differ from the student's; ``bn_split_order``:
+    which samples share a group, ``"interleaved"`` as the authors' ``SplitBatchNorm`` or
+    ``"contiguous"`` blocks, see ``SplitBatchNorm2d``); ``"shuffle"`` (MoCo's
     shuffle-BN across processes under DDP; plain BN on one process); ``"plain"`` (no trick).
     ``hyper_channels``: width of the hypercolumn's 1x1 conv; ``None`` = the backbone's pooled width
     (2048 for ResNet-50, 512 for ResNet-18), as in the authors' code.
@@ -147,19 +149,21 @@ class CGHModel(nn.Module):
     def __init__(self, arch: str = "resnet50", layers=("layer3", "layer4"), dim: int = 512,
                  hidden_dim: int = 4096, hyper_channels: int | None = None,
                  queue_size: int = 131072, predictor: bool = False, predictor_hidden: int = 4096,
-                 teacher_bn: str = "split", bn_splits: int = 8, use_hypercolumn: bool = True):
+                 teacher_bn: str = "split", bn_splits: int = 8, use_hypercolumn: bool = True,
+                 bn_split_order: str = "interleaved"):
         super().__init__()
         if teacher_bn not in TEACHER_BN:
             raise CghError(f"unknown teacher_bn '{teacher_bn}'; expected one of {', '.join(TEACHER_BN)}")
         if bn_splits < 1:
             raise CghError(f"bn_splits must be >= 1 (got {bn_splits})")
+        check_split_order(bn_split_order)
         self.arch, self.teacher_bn, self.use_hypercolumn = arch, teacher_bn, use_hypercolumn
         layers = check_layers(layers)  # validated even when unused, so a typo never goes unseen
         self.layers = layers if use_hypercolumn else ()
 
         self.student_backbone = build_backbone(arch)
         if teacher_bn == "split":
-            convert_split_batchnorm(self.student_backbone, bn_splits)
+            convert_split_batchnorm(self.student_backbone, bn_splits, bn_split_order)
         width = feature_dim(arch)
         self.student_global_head = ProjectionHead(width, hidden_dim, dim)
         self.student_hyper_head = None

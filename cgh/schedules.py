@@ -13,15 +13,25 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float,
-                     final_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, then cosine decay to ``final_lr``.
+WARMUP_STARTS = ("zero", "one_step")
 
-    Step ``i`` of the warm-up uses ``peak_lr * (i + 1) / warmup_steps`` so the very first update is
-    not wasted at lr 0; the cosine part reaches ``final_lr`` at ``total_steps``.
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float,
+                     final_lr: float = 0.0, start: str = "zero") -> float:
+    """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then cosine decay to ``final_lr``.
+
+    ``start`` (``optim.warmup_start``) says where the warm-up's line starts:
+    - ``"zero"`` (the CGH authors' and ReSSL's ``adjust_learning_rate``): step ``i`` uses
+      ``peak_lr * i / warmup_steps``, so the first step runs at lr 0;
+    - ``"one_step"``: ``peak_lr * (i + 1) / warmup_steps``, so the first update is not spent at lr 0.
+    The cosine part (the same for both) is ``final_lr + (peak_lr - final_lr) (1 + cos(pi t)) / 2``
+    with ``t = (step - warmup_steps) / (total_steps - warmup_steps)``, reaching ``final_lr`` at
+    ``total_steps``.
     """
+    if start not in WARMUP_STARTS:
+        raise ValueError(f"unknown warm-up start '{start}' ({' or '.join(WARMUP_STARTS)})")
     if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * (step + (start == "one_step")) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))

@@ -51,6 +51,7 @@ class ModelConfig:
     predictor_hidden: int = bounded(4096, ge=1)
     teacher_bn: str = "auto"                   # auto = shuffle under DDP, split on one process; or split|shuffle|plain
     bn_splits: int = bounded(8, ge=1)          # split-BN groups on one device (authors: 8)
+    bn_split_order: str = "interleaved"        # split-BN groups: interleaved (authors: j, j+G, ...) | contiguous (blocks)
     sync_bn: bool = False                      # synchronise every plain BN over processes (off in the authors' code)
 
 
@@ -60,7 +61,8 @@ class LossConfig:
     tau_s: float = bounded(0.1, gt=0)          # student global temperature
     tau_t: float = bounded(0.04, gt=0)         # teacher global temperature
     tau_h: float = bounded(0.08, gt=0)         # hypercolumn temperature (paper Table 6)
-    schedule: str = "authors"                  # authors: 5-epoch InfoNCE warm-up, weights 0.5; paper: plain sum
+    schedule: str = "authors"                  # authors: 5-epoch InfoNCE warm-up, weights 0.5; paper: plain sum;
+    #                                            ressl: ReSSL's own loss, weight 1, no warm-up (mode global only)
     warmup_epochs: float = bounded(5.0, ge=0)  # length of the authors' InfoNCE -> cross-context warm-up
     infonce_temperature: float = bounded(0.2, gt=0)
 
@@ -84,9 +86,14 @@ class OptimConfig:
     batch_size: int = bounded(256, ge=1)       # global batch; split evenly over processes
     base_lr: float = bounded(0.05, gt=0)       # lr = base_lr * batch_size / 256
     final_lr: float = bounded(0.0, ge=0)
-    weight_decay: float = bounded(1e-4, ge=0)  # not applied to BatchNorm parameters and biases
+    weight_decay: float = bounded(1e-4, ge=0)
+    # Parameters without weight decay (param_groups): bn_bias_names = name contains "bn" or "bias"
+    # (authors' and ReSSL's ImageNet code; downsample and hypercolumn BN weights are decayed) |
+    # norm_and_bias = every 1-D tensor | none = decay everything (authors' code on other datasets)
+    weight_decay_exempt: str = "bn_bias_names"
     momentum: float = bounded(0.9, ge=0, le=1)
     warmup_epochs: float = bounded(5.0, ge=0)  # linear lr warm-up, then cosine
+    warmup_start: str = "zero"                 # zero: step i at peak*i/W (authors, ReSSL) | one_step: peak*(i+1)/W
     teacher_momentum: float = bounded(0.999, ge=0, le=1)   # EMA momentum of the teacher
     momentum_schedule: str = "constant"        # constant (authors) | cosine (increase to 1)
 
@@ -170,13 +177,38 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield perm[start:start + self.per_rank]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters with weight decay, except BatchNorm parameters and biases (1-D tensors)."""
+WEIGHT_DECAY_EXEMPT = ("bn_bias_names", "norm_and_bias", "none")
+
+
+def decay_exempt(name: str, param: torch.nn.Parameter, rule: str) -> bool:
+    """Whether parameter ``name`` of the CGH model goes without weight decay under ``rule``
+    (``optim.weight_decay_exempt``).
+
+    ``bn_bias_names`` is the test of the authors' ``CGHModel`` (and ReSSL's ``ressl.py``):
+    ``'bn' in name or 'bias' in name`` on the full parameter name. Their module names (``encoder_q``,
+    ``fc``, ``hypercols_proj_q.reg_conv``) contain no "bn", and neither do ours (``student_backbone``,
+    ``student_global_head``, ``student_hyper_head.reduce``): the backbone's ``bn1/2/3`` and every
+    bias are exempt, while the ``downsample.1`` BatchNorm weights and the hypercolumn BatchNorm weight
+    (``reduce.1.weight``, their ``reg_conv.1.weight``) are decayed. ``norm_and_bias``: every 1-D
+    tensor (all BatchNorm parameters and biases). ``none``: nothing is exempt."""
+    if rule == "bn_bias_names":
+        return "bn" in name or "bias" in name
+    if rule == "norm_and_bias":
+        return param.ndim <= 1
+    if rule == "none":
+        return False
+    raise CghError(f"optim.weight_decay_exempt '{rule}' unknown; expected one of {', '.join(WEIGHT_DECAY_EXEMPT)}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exempt: str = "bn_bias_names") -> list[dict]:
+    """SGD parameter groups of the trainable parameters: weight decay, except those ``exempt``
+    names (``decay_exempt``). The teacher has no trainable parameters; empty groups are left out."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if decay_exempt(name, p, exempt) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_model(cfg: PretrainConfig, world: int, device: torch.device):
@@ -193,7 +225,8 @@ def build_model(cfg: PretrainConfig, world: int, device: torch.device):
                      hidden_dim=cfg.model.hidden_dim, hyper_channels=cfg.model.hyper_channels or None,
                      queue_size=cfg.model.queue_size, predictor=cfg.model.predictor,
                      predictor_hidden=cfg.model.predictor_hidden, teacher_bn=teacher_bn,
-                     bn_splits=cfg.model.bn_splits, use_hypercolumn=cfg.loss.mode != "global")
+                     bn_splits=cfg.model.bn_splits, use_hypercolumn=cfg.loss.mode != "global",
+                     bn_split_order=cfg.model.bn_split_order)
     if cfg.model.sync_bn and world > 1:
         model = D.convert_sync_batchnorm(model, device)
     model.to(device)
@@ -214,8 +247,10 @@ def wrap_ddp(core: torch.nn.Module, world: int, device: torch.device) -> torch.n
 
 def check_config(cfg: PretrainConfig, world: int) -> None:
     """Fail before any data is read when the config cannot work."""
+    from cgh.batchnorm import check_split_order
     from cgh.losses import MODES, SCHEDULES
     from cgh.model import CGHModel, check_layers
+    from cgh.schedules import WARMUP_STARTS
     from eval.features import resolve_num_workers
 
     b = cfg.optim.batch_size
@@ -227,6 +262,16 @@ def check_config(cfg: PretrainConfig, world: int) -> None:
         raise CghError(f"loss.mode '{cfg.loss.mode}' unknown; expected one of {', '.join(MODES)}")
     if cfg.loss.schedule not in SCHEDULES:
         raise CghError(f"loss.schedule '{cfg.loss.schedule}' unknown; expected one of {', '.join(SCHEDULES)}")
+    if cfg.loss.schedule == "ressl" and cfg.loss.mode != "global":
+        raise CghError(f"loss.schedule 'ressl' is ReSSL's objective and needs loss.mode=global "
+                       f"(got '{cfg.loss.mode}')")
+    if cfg.optim.weight_decay_exempt not in WEIGHT_DECAY_EXEMPT:
+        raise CghError(f"optim.weight_decay_exempt '{cfg.optim.weight_decay_exempt}' unknown; expected one of "
+                       f"{', '.join(WEIGHT_DECAY_EXEMPT)}")
+    if cfg.optim.warmup_start not in WARMUP_STARTS:
+        raise CghError(f"optim.warmup_start '{cfg.optim.warmup_start}' unknown; expected one of "
+                       f"{', '.join(WARMUP_STARTS)}")
+    check_split_order(cfg.model.bn_split_order)
     if cfg.run.precision not in ("bf16", "fp16", "fp32"):
         raise CghError(f"run.precision '{cfg.run.precision}' unknown; expected bf16, fp16 or fp32")
     if cfg.run.compile_mode not in COMPILE_MODES:
@@ -355,7 +400,7 @@ def train_step(model, core, batch, optimizer, scaler, cfg: PretrainConfig, step:
     indices = indices.to(device, non_blocking=True)
 
     lr = warmup_cosine_lr(step, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), peak_lr,
-                          cfg.optim.final_lr)
+                          cfg.optim.final_lr, cfg.optim.warmup_start)
     for group in optimizer.param_groups:
         group["lr"] = lr
     momentum = teacher_momentum(step, total_steps, cfg.optim.teacher_momentum, cfg.optim.momentum_schedule)
@@ -450,8 +495,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device, world: int, rank: int, 
     model = wrap_ddp(core, world, device)
     if cfg.run.compile:
         core.compile(mode=cfg.run.compile_mode)
-    optimizer = torch.optim.SGD(param_groups(core, cfg.optim.weight_decay), lr=0.0,
-                                momentum=cfg.optim.momentum)
+    optimizer = torch.optim.SGD(param_groups(core, cfg.optim.weight_decay, cfg.optim.weight_decay_exempt),
+                                lr=0.0, momentum=cfg.optim.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.run.precision == "fp16")
 
     sampler = GlobalBatchSampler(len(dataset), cfg.optim.batch_size, rank, world, cfg.run.seed)

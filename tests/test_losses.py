@@ -147,6 +147,34 @@ def test_cgh_loss_totals_by_schedule_and_mode(emb):
                    **kw)["total"], gg)
 
 
+def ressl_reference(student, teacher, queue, tau_s=0.1, tau_t=0.04):
+    """ReSSL's loss (mingkai-zheng/ReSSL, ressl.py): ``-sum(softmax(t . Q / 0.04) *
+    log_softmax(s . Q / 0.1), dim=1).mean()``, here in float64 with explicit softmaxes."""
+    logits_q = student.double() @ queue.double().t() / tau_s
+    logits_k = teacher.double() @ queue.double().t() / tau_t
+    p_k = torch.exp(logits_k - logits_k.max(1, keepdim=True).values)
+    p_k = p_k / p_k.sum(1, keepdim=True)
+    log_q = logits_q - torch.log(torch.exp(logits_q).sum(1, keepdim=True))
+    return float(-(p_k * log_q).sum(1).mean())
+
+
+@pytest.mark.parametrize("step", [0, 30, 100, 10_000])
+def test_ressl_schedule_is_ressls_loss_at_every_step(emb, step):
+    """``schedule="ressl"``: ReSSL's own objective at weight 1 from the first step, no InfoNCE
+    (the ``authors`` schedule would be 0.7 InfoNCE + 0.3 x it at step 30 of 100)."""
+    e = emb
+    want = ressl_reference(e["sg"], e["tg"], e["qg"])
+    assert want == pytest.approx(ref_ce(e["sg"], e["tg"], e["qg"], e["qg"], 0.1, 0.04), rel=1e-9)
+    no_hyper = {**outputs(e), "teacher_hyper": None, "student_hyper": [], "queue_hyper": None}
+    got = cgh_loss(no_hyper, mode="global", schedule="ressl", tau_s=0.1, tau_t=0.04, step=step,
+                   warmup_steps=100)
+    close(got["total"], want)
+    close(got["gg"], want)
+    assert got["w_infonce"] == 0.0 and got["w_cross"] == 1.0 and float(got["infonce"]) == 0.0
+    with pytest.raises(CghError, match="'ressl' is ReSSL's objective and needs mode 'global'"):
+        cgh_loss(outputs(e), mode="cross", schedule="ressl")
+
+
 def test_gradients_reach_only_the_student(emb):
     e = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
     loss = cgh_loss(outputs(e), mode="cross", step=10, warmup_steps=100)

@@ -153,6 +153,20 @@ def test_forward_outputs_queue_flow_and_gradients():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("order", [None, "interleaved", "contiguous"])
+def test_split_bn_order_reaches_every_backbone_batchnorm(order):
+    """``bn_split_order`` (default: the authors' interleaved groups) is every split-BN's order, in
+    student and teacher; the hypercolumn's BN stays a plain BatchNorm, as in the authors' code."""
+    m = small_model(teacher_bn="split", **({} if order is None else {"bn_split_order": order}))
+    splits = [mod for net in (m.student_backbone, m.teacher_backbone) for mod in net.modules()
+              if isinstance(mod, nn.BatchNorm2d)]
+    assert len(splits) == 2 * 20   # ResNet-18: bn1, 2 per block x 8, 3 downsample
+    assert all(isinstance(b, SplitBatchNorm2d) and b.order == (order or "interleaved") for b in splits)
+    assert type(m.student_hyper_head.reduce[1]) is nn.BatchNorm2d
+    with pytest.raises(CghError, match="model.bn_split_order 'blocks' unknown"):
+        small_model(teacher_bn="split", bn_split_order="blocks")
+
+
 def test_student_backbone_exports_as_torchvision_resnet():
     m = small_model(teacher_bn="split")
     fresh = build_backbone("resnet18")
