@@ -28,7 +28,8 @@ BATCH, STEPS, SIZE = 16, 2, 64
 OVERRIDES = ["output_dir=unused", "data.root=unused", "model.arch=resnet18", "model.dim=32",
              "model.hidden_dim=64", "model.queue_size=32", "model.teacher_bn=plain", "model.sync_bn=true",
              "model.layers=[layer2,layer4]", f"optim.batch_size={BATCH}", "optim.warmup_epochs=1",
-             "loss.warmup_epochs=1", "run.precision=fp32", "run.device=cpu", "optim.base_lr=1.0"]
+             "loss.warmup_epochs=1", "run.precision=fp32", "run.device=cpu", "optim.base_lr=1.0",
+             "optim.warmup_start=one_step"]   # step 0 at lr > 0: every step moves the weights
 
 
 def _inputs():
