@@ -40,6 +40,7 @@ def test_coco_mask_rcnn_records_box_and_mask_ap(coco_run, synth_root):
     # The evaluator's own output: the COCO-format detections it scored with pycocotools.
     assert (tmp_path / "seed0" / "inference" / "coco_instances_results.json").is_file()
     assert rec["extra"]["classes"] == json.loads((synth_root / "synthshapes.json").read_text())["detection"]["classes"]
+    assert rec["extra"]["seeds"] == 1 and rec["extra"]["batch_scaling"]["mode"] == "none"
 
 
 def test_coco_mask_rcnn_learns_from_the_pretrained_backbone(coco_run):

@@ -10,11 +10,13 @@ import pytest
 from cgh import cli
 from cgh.backbone import ArchError
 from cgh.config import ConfigError, load_config
+from cgh.data.synth import generate
 from cgh.errors import DatasetError
 from cgh.records import read_record
 from transfer import voc
 from transfer.detectron2_common import SEED_RESULT, aggregate_runs
 
+from _helpers_data import TINY
 from _helpers_transfer import one_thread  # noqa: F401  (fixture)
 
 
@@ -40,6 +42,10 @@ def test_voc_records_the_evaluator_numbers(voc_run, synth_root):
         assert rec["metrics"][m] == pytest.approx(seed["evaluator"]["bbox"][m])
         assert rec["metrics"][f"{m}_std"] is None
     assert rec["extra"]["runs"][0]["metrics"]["AP50"] == rec["metrics"]["AP50"]
+    # How the number was produced: one seed (reports mark it), batch 2 unscaled (voc_synth's own schedule).
+    assert rec["extra"]["seeds"] == 1 == len(rec["extra"]["runs"])
+    assert rec["extra"]["batch_scaling"] == {"mode": "none", "reference_batch": 16, "ims_per_batch": 2,
+                                             "factor": 0.125, "scaled": {}}
     assert rec["extra"]["classes"] == sorted(json.loads((synth_root / "synthshapes.json").read_text())["detection"]["classes"])
     assert rec["extra"]["backbone_check"]["ok"] and json.loads((out / "seed0" / "backbone_check.json").read_text())["ok"]
 
@@ -77,6 +83,28 @@ def test_voc_finished_seed_is_not_retrained_and_interrupted_run_resumes(voc_run,
     seed = json.loads((copy / "seed0" / SEED_RESULT).read_text())
     assert seed["resumed"] is True
     assert rec2["metrics"]["AP50"] == pytest.approx(first["AP50"], abs=1e-6)
+
+
+def test_record_says_how_many_seeds_ran_and_what_the_batch_scaling_changed(random_ckpt, tmp_path, one_thread):
+    """Two seeds of a 3-iteration schedule written for batch 1, run at voc_synth's batch 2 with
+    linear scaling: lr x2, iterations, steps and warm-up /2 (rounded as detectron2 rounds)."""
+    generate(tmp_path / "tiny", seed=0, **TINY)
+    out = tmp_path / "out"
+    rec = read_record(voc.run(_cfg(random_ckpt, tmp_path / "tiny", out, "seeds=2", "batch_scaling=linear",
+                                   "reference_batch=1", "detectron2.SOLVER.MAX_ITER=3",
+                                   "detectron2.SOLVER.STEPS=[2]", "detectron2.SOLVER.WARMUP_ITERS=1",
+                                   "detectron2.TEST.PRECISE_BN.NUM_ITER=1")))
+    assert rec["extra"]["seeds"] == 2 and [r["seed"] for r in rec["extra"]["runs"]] == [0, 1]
+    assert rec["metrics"]["AP50_std"] is not None
+    scaling = rec["extra"]["batch_scaling"]
+    assert [scaling[k] for k in ("mode", "reference_batch", "ims_per_batch", "factor")] == ["linear", 1, 2, 2.0]
+    assert scaling["scaled"]["SOLVER.BASE_LR"] == [0.02, 0.04]
+    assert scaling["scaled"]["SOLVER.MAX_ITER"] == [3, 2] and scaling["scaled"]["SOLVER.STEPS"] == [[2], [1]]
+    for seed in (0, 1):
+        # The trainer ran the scaled schedule and did not scale it again: 2 iterations (0 and 1).
+        rows = [json.loads(line) for line in (out / f"seed{seed}" / "metrics.json").read_text().splitlines()]
+        assert max(r["iteration"] for r in rows) == 1
+        assert rows[-1]["lr"] == pytest.approx(0.04 * 0.1)   # iteration 1: past the scaled step (unscaled: 0.02)
 
 
 def test_aggregate_runs_is_mean_and_sample_std():

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--num-machines", type=int, help="machines (detectron2's launcher)")
             p.add_argument("--machine-rank", type=int, help="this machine's rank")
             p.add_argument("--dist-url", help="tcp://HOST:PORT of machine 0 (several machines)")
-            p.add_argument("--seeds", type=int, help="repeat N times (SEED 0..N-1); record mean and std")
+            p.add_argument("--seeds", type=int, help="repeat N times (SEED 0..N-1); record mean and std "
+                           + ("(default 5: MoCo's protocol reports the mean of 5)" if name == "voc" else "(default 1)"))
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 

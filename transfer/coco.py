@@ -4,7 +4,8 @@ R50-C4 with the 1x (default) or 2x schedule as in MoCo, or the R50-FPN variant
 (``detectron2_config=transfer/detectron2/coco_R_50_FPN_1x_moco.yaml``). COCO 2017 train/val come
 from a local folder (``train2017/``, ``val2017/``, ``annotations/instances_*.json``); detectron2's
 COCO evaluator runs through pycocotools (``use_fast_impl=False``: the offline detectron2 install has
-no C++ evaluator). The record holds box and mask AP, AP50, AP75.
+no C++ evaluator). The record holds box and mask AP, AP50, AP75. One run by default (``seeds``):
+MoCo states a mean of 5 runs for VOC only (its detection/README.md).
 """
 from __future__ import annotations
 

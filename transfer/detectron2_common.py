@@ -5,15 +5,16 @@ The flow of ``run_detectron2_protocol`` (used by ``transfer.voc`` and ``transfer
 1. read the checkpoint through ``transfer.hub`` and check the data paths, so bad input fails before
    anything is built or trained;
 2. convert the backbone to detectron2's ``.pkl`` (``transfer.convert.save_detectron2``) and build the
-   complete detectron2 config (YAML under ``configs/transfer/detectron2/`` + overrides + depth, norm,
-   device, datasets, weights), saved next to the run;
+   complete detectron2 config (YAML under ``configs/transfer/detectron2/`` + overrides, scaled to the
+   run's batch (``batch_scaling``), + depth, norm, device, datasets, weights), saved next to the run;
 3. per seed, train with detectron2's ``DefaultTrainer`` (through ``detectron2.engine.launch`` for
    several GPUs or machines), resuming from the newest checkpoint the seed's run recorded itself
    (``ManifestCheckpointer``; ``last_checkpoint`` is never read); before the first
    iteration every backbone tensor of the built model is compared with the checkpoint
    (``transfer.backbone_check``) and the report saved;
 4. the task's evaluator (PASCAL VOC or COCO) runs at the end of training; the per-seed metrics and
-   their mean/std land in ``result.json``.
+   their mean/std land in ``result.json`` (``extra.seeds``: how many seeds ran; ``extra.batch_scaling``:
+   what the batch scaling changed).
 
 The protocol modules provide only their dataset part (see ``Detectron2Task``).
 """
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 from omegaconf import MISSING
 
 from cgh.backbone import ArchError
-from cgh.config import ConfigError, bounded, resolve_config_path, save_config, to_dict
+from cgh.config import ConfigError, bounded, excerpt, resolve_config_path, save_config, to_dict
 from cgh.errors import CghError
 from cgh.io import atomic_write_json
 from cgh.records import RunTimer, write_record
@@ -55,6 +56,10 @@ D2_RESNETS = {
     "resnet101": (101, 256, 64), "resnet152": (152, 256, 64), "wide_resnet50_2": (50, 256, 128),
 }
 _NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+BATCH_SCALING = ("linear", "none")
+# What a global batch other than the reference one changes (detectron2's auto_scale_workers).
+SCALED_KEYS = ("SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS",
+               "SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD")
 
 
 @dataclass
@@ -69,10 +74,19 @@ class Detectron2Config:
     detectron2: dict[str, Any] = field(default_factory=dict)
     # "auto": MODEL.RESNETS.DEPTH (and R18/R34 widths) from the checkpoint; a number must match it.
     depth: str = "auto"
-    # "auto": the YAML's SyncBN on GPU, BN on CPU (SyncBatchNorm needs CUDA); or BN/SyncBN/...
+    # "auto": the YAML's norm (SyncBN, naiveSyncBN) on GPU, BN on CPU (both need CUDA; AMP is
+    # turned off on CPU for the same reason); or BN/SyncBN/naiveSyncBN/... everywhere.
     norm: str = "auto"
     device: str = "auto"                 # auto | cpu | cuda
     seeds: int = bounded(1, ge=1)        # repeat with SEED = first_seed + i; the record has mean/std
+    # The global batch (SOLVER.IMS_PER_BATCH) the YAML's lr and schedule are written for: 16 in
+    # MoCo's protocol (8 GPUs x 2 images). Values in the YAML and in `detectron2` are for this batch.
+    reference_batch: int = bounded(16, ge=1)
+    # IMS_PER_BATCH != reference_batch (fewer GPUs): "linear" scales BASE_LR by batch/reference and
+    # MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD, TEST.EVAL_PERIOD by reference/batch, with
+    # detectron2's own DefaultTrainer.auto_scale_workers (the linear rule of Goyal et al.), so the
+    # run sees as many images at the same lr per image; "none" keeps them (and warns).
+    batch_scaling: str = "linear"
     first_seed: int = bounded(0, ge=0)   # (detectron2 reads a negative SEED as "random")
     gpus: int = bounded(1, ge=1)         # GPUs per machine (detectron2.engine.launch)
     num_machines: int = bounded(1, ge=1)
@@ -180,9 +194,63 @@ def check_depth(cfg, arch: str) -> tuple[int, int, int]:
     return depth, res2, width
 
 
-def build_detectron2_config(cfg, arch: str, weights: str | os.PathLike, device: str, data: DatasetSpec,
-                            output_dir: str | os.PathLike, seed: int):
-    """The complete detectron2 ``CfgNode`` of one run (YAML + overrides + what the run decides)."""
+def check_batch_scaling(cfg) -> str:
+    if cfg.batch_scaling not in BATCH_SCALING:
+        raise ConfigError(f"config key 'batch_scaling': expected one of {', '.join(BATCH_SCALING)}, "
+                          f"got '{excerpt(cfg.batch_scaling)}'")
+    return cfg.batch_scaling
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def scale_to_batch(c, cfg, announce: bool = True):
+    """``c`` (a detectron2 config written for ``cfg.reference_batch``) for its own IMS_PER_BATCH.
+
+    ``linear``: detectron2's ``DefaultTrainer.auto_scale_workers`` does the arithmetic: with
+    IMS_PER_BATCH = REFERENCE_WORLD_SIZE = reference (one image per "worker"), asking for ``batch``
+    workers scales by batch/reference exactly as it would for a change of GPU count. Then
+    REFERENCE_WORLD_SIZE is 0 again, so the trainer does not scale a second time by its world size.
+    Returns (the new config, the record's ``batch_scaling``: mode, reference_batch, ims_per_batch,
+    factor = ims_per_batch / reference_batch, scaled = {key: [before, after]}). ``announce``: log
+    it (once per run).
+    """
+    mode = check_batch_scaling(cfg)
+    batch, reference = int(c.SOLVER.IMS_PER_BATCH), int(cfg.reference_batch)
+    record = {"mode": mode, "reference_batch": reference, "ims_per_batch": batch,
+              "factor": batch / reference, "scaled": {}}
+    if batch == reference:
+        return c, record
+    if mode == "none":
+        if announce:
+            log.warning("SOLVER.IMS_PER_BATCH is %d, not the protocol's %d, and batch_scaling=none: "
+                        "lr and iterations are not scaled (BASE_LR %s, MAX_ITER %s, STEPS %s, WARMUP_ITERS %s)",
+                        batch, reference, c.SOLVER.BASE_LR, c.SOLVER.MAX_ITER, _plain(c.SOLVER.STEPS),
+                        c.SOLVER.WARMUP_ITERS)
+        return c, record
+    if c.SOLVER.REFERENCE_WORLD_SIZE:
+        raise ConfigError("config keys 'batch_scaling' (linear) and 'detectron2.SOLVER.REFERENCE_WORLD_SIZE' "
+                          "would both scale the schedule; set batch_scaling=none to use detectron2's")
+    from detectron2.engine import DefaultTrainer
+
+    before = {k: _get(c, k) for k in SCALED_KEYS}
+    c = c.clone()
+    c.SOLVER.IMS_PER_BATCH = c.SOLVER.REFERENCE_WORLD_SIZE = reference
+    c = DefaultTrainer.auto_scale_workers(c, batch)
+    c.SOLVER.REFERENCE_WORLD_SIZE = 0
+    record["scaled"] = {k: [_plain(before[k]), _plain(_get(c, k))] for k in SCALED_KEYS
+                        if _plain(before[k]) != _plain(_get(c, k))}
+    if announce:
+        log.warning("SOLVER.IMS_PER_BATCH is %d, not the protocol's %d: linear scaling (batch_scaling=linear) "
+                    "changed %s", batch, reference,
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in record["scaled"].items()) or "nothing")
+    return c, record
+
+
+def protocol_config(cfg, announce: bool = True):
+    """The protocol's detectron2 config before the run's own settings: the YAML, the ``detectron2``
+    overrides, then ``scale_to_batch``. Returns (``CfgNode``, the scaling record)."""
     import_detectron2()
     from detectron2.config import get_cfg
 
@@ -198,7 +266,13 @@ def build_detectron2_config(cfg, arch: str, weights: str | os.PathLike, device: 
         c.merge_from_list(pairs)
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"config key 'detectron2': {e}") from None
+    return scale_to_batch(c, cfg, announce)
 
+
+def build_detectron2_config(cfg, arch: str, weights: str | os.PathLike, device: str, data: DatasetSpec,
+                            output_dir: str | os.PathLike, seed: int, announce: bool = True):
+    """The complete detectron2 ``CfgNode`` of one run (``protocol_config`` + what the run decides)."""
+    c, _ = protocol_config(cfg, announce)
     depth, res2, width = check_depth(cfg, arch)
     c.MODEL.RESNETS.DEPTH, c.MODEL.RESNETS.RES2_OUT_CHANNELS = depth, res2
     c.MODEL.RESNETS.WIDTH_PER_GROUP = width
@@ -212,6 +286,9 @@ def build_detectron2_config(cfg, arch: str, weights: str | os.PathLike, device: 
         for key in _NORM_KEYS:
             if key == "MODEL.RESNETS.NORM" or _get(c, key):
                 c.merge_from_list([key, cfg.norm])
+
+    if device == "cpu" and c.SOLVER.AMP.ENABLED:
+        c.SOLVER.AMP.ENABLED = False     # detectron2's AMPTrainer needs CUDA (as SyncBN -> BN above)
 
     c.MODEL.DEVICE = device
     c.MODEL.WEIGHTS = str(weights)
@@ -442,6 +519,7 @@ def run_detectron2_protocol(cfg, task_module: str) -> Path:
     task = importlib.import_module(task_module)
     device = resolve_device(cfg.device)
     check_launch(cfg, device)
+    _, scaling = protocol_config(cfg)        # bad overrides fail here; the scaling is logged once
     ck: LoadedCheckpoint = load_backbone(cfg.checkpoint)
     check_depth(cfg, ck.arch)
     task.check_data(cfg)
@@ -459,7 +537,7 @@ def run_detectron2_protocol(cfg, task_module: str) -> Path:
     for i in range(cfg.seeds):
         seed = cfg.first_seed + i
         seed_dir = out / f"seed{seed}"
-        cfg_d2 = build_detectron2_config(cfg, ck.arch, weights, device, data, seed_dir, seed)
+        cfg_d2 = build_detectron2_config(cfg, ck.arch, weights, device, data, seed_dir, seed, announce=False)
         done = seed_dir / SEED_RESULT
         if not done.is_file():
             seed_dir.mkdir(parents=True, exist_ok=True)
@@ -482,6 +560,7 @@ def run_detectron2_protocol(cfg, task_module: str) -> Path:
         out, protocol=task.PROTOCOL, checkpoint=ck.identity(), dataset=data.record,
         metrics=aggregate_runs(runs), config=cfg_dict, started=timer.started, wall_time_s=timer.elapsed,
         device=None if device == "cuda" else "cpu",
-        extra={"runs": runs, "detectron2_config": str(out / f"seed{cfg.first_seed}" / "detectron2_config.yaml"),
+        extra={"seeds": len(runs), "batch_scaling": scaling, "runs": runs,
+               "detectron2_config": str(out / f"seed{cfg.first_seed}" / "detectron2_config.yaml"),
                "backbone_check": {k: backbone[k] for k in ("ok", "compared", "reference_tensors")},
                "classes": data.classes})

@@ -2,8 +2,8 @@
 
 Train on VOC2007 trainval + VOC2012 trainval, test on VOC2007 test with detectron2's PASCAL VOC
 evaluator (11-point AP for 2007, at IoU 0.50:0.95), report AP, AP50, AP75 as mean and std over
-seeds (the protocol reports the mean of 5). Datasets come from a local VOCdevkit and are registered
-with the dataset's own class names (the 20 VOC classes by default).
+seeds (the protocol reports the mean of 5: the default ``seeds``). Datasets come from a local
+VOCdevkit and are registered with the dataset's own class names (the 20 VOC classes by default).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgh.config import ConfigError
+from cgh.config import ConfigError, bounded
 from cgh.errors import DatasetError
 from transfer.compat.detectron2_compat import import_detectron2
 from transfer.detectron2_common import DatasetSpec, Detectron2Config, run_detectron2_protocol
@@ -33,6 +33,9 @@ class Config(Detectron2Config):
     # or a comma-separated list. Every annotated name must be one of them.
     classes: str = "voc"
     dataset_name: str = "voc0712"
+    # MoCo reports the mean of 5 runs on VOC (per-run std 0.2-0.4 AP; facebookresearch/moco,
+    # detection/README.md); the record has the mean, the std and extra.seeds.
+    seeds: int = bounded(5, ge=1)
 
 
 def _parse_set(item: str) -> tuple[str, str]:
