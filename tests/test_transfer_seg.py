@@ -54,6 +54,10 @@ def test_seg_records_per_class_iou(seg_run, synth_root):
     assert json.loads((tmp_path / "backbone_check.json").read_text())["ok"]
     dumped = (tmp_path / "mmseg_config.py").read_text()
     assert "depth=18" in dumped and "type='BN'" in dumped and "SyncBN" not in dumped
+    # what one optimizer step saw: the synth config's global batch of 4, in one process
+    assert rec["extra"]["batch"] == {"mode": "split", "global_batch": 4, "processes": 1,
+                                     "per_process_batch": 4, "accumulation_steps": 1}
+    assert "cgh_batch = dict(" in dumped and "accumulative_counts=1" in dumped
 
 
 def test_seg_learns_beyond_background(seg_run, synth_root):

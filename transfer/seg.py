@@ -7,6 +7,12 @@ SBD aug at 512x512 for 20k iterations or Cityscapes at 769x769 for 40k
 iteration a hook compares every backbone tensor with the checkpoint (``transfer.backbone_check``).
 The record holds mIoU, mAcc, aAcc and the per-class IoU from mmseg's IoU metric.
 
+Every run keeps the protocol's images per optimizer step (``global_batch``: 16 for VOC12aug = 4 GPUs
+x 4, 8 for Cityscapes = 4 x 2) whatever its number of processes (``plan_batch``): each process takes
+global_batch / gpus images (``batch_mode=split``), or gradients are accumulated over several
+iterations with the schedule stretched to match (``batch_mode=accumulate``). The record's
+``extra.batch`` and the saved ``mmseg_config.py`` (``cgh_batch``) say what ran.
+
 Resuming reads only what the run wrote itself (``transfer.resume_manifest``): mmengine's
 ``last_checkpoint`` is never consulted (the config names the verified checkpoint as ``load_from``,
 through the ``cgh-verified://`` loader), every saved checkpoint is recorded by a hook, and a loaded
@@ -28,7 +34,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from cgh.backbone import ArchError, feature_dim
-from cgh.config import ConfigError, bounded, resolve_config_path, save_config, to_dict
+from cgh.config import ConfigError, bounded, excerpt, resolve_config_path, save_config, to_dict
 from cgh.errors import DatasetError
 from cgh.records import RunTimer, write_record
 from transfer.backbone_check import compare_backbone, require_equal_backbone
@@ -42,6 +48,10 @@ PROTOCOL = "seg"
 BACKBONE_REPORT = "backbone_check.json"
 VERIFIED_SCHEME = "cgh-verified://"     # load_from prefix: a checkpoint recorded by this run
 MMSEG_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+BATCH_MODES = ("split", "accumulate")
+# Schedulers whose value depends only on (step - begin) / (end - begin - 1) (mmengine's closed
+# form of the poly schedule): ``accumulate`` maps them exactly onto optimizer steps.
+ACCUMULABLE_SCHEDULERS = ("PolyLR", "PolyMomentum", "PolyParamScheduler")
 
 
 @dataclass
@@ -61,6 +71,16 @@ class Config:
     norm: str = "auto"
     seed: int = bounded(0, ge=0)
     gpus: int = bounded(1, ge=1)         # GPUs on this machine (one process each)
+    # Images per optimizer step, the protocol's whatever `gpus` is: mmselfsup's benchmark runs
+    # 4 GPUs x the mmseg file's per-GPU batch (VOC12aug 4 x 4 = 16, Cityscapes 4 x 2 = 8).
+    global_batch: int = bounded(16, ge=1)
+    # How `gpus` processes reach global_batch. "split" (default): each takes global_batch / gpus
+    # images, so BN normalises over the same global_batch images SyncBN pools over the protocol's
+    # 4 GPUs (needs the memory for them); "accumulate": each keeps the mmseg file's per-GPU batch
+    # (mmseg.train_dataloader.batch_size) and gradients add up over global_batch / (gpus x batch)
+    # iterations, with iterations, intervals and the poly schedule stretched by that factor (less
+    # memory, but BN then normalises over the per-GPU batch only).
+    batch_mode: str = "split"
     resume: bool = True                  # continue from output_dir's last checkpoint
     overwrite: bool = False              # output_dir belongs to another run: move it aside, start fresh
     dataset_name: str = "voc12aug"
@@ -186,6 +206,79 @@ def check_mmseg_key(c, key: str, path) -> None:
         done.append(part)
 
 
+def _stretch_schedule(c, steps: int, path) -> None:
+    """Iteration counts of ``c`` x ``steps`` (``batch_mode=accumulate``): as many optimizer steps as
+    the protocol, with the protocol's lr at each of them.
+
+    mmengine counts iterations (one per loader batch) everywhere: ``IterBasedTrainLoop``, the
+    hooks' intervals, and ``ParamSchedulerHook`` steps every scheduler after every iteration, while
+    ``OptimWrapper`` (``accumulative_counts``) steps the optimizer after iterations steps-1,
+    2*steps-1, ... A poly scheduler [begin, end) is therefore moved to [steps*begin + steps - 1,
+    steps*end): at optimizer step j (iteration (j+1)*steps - 1) it has made j*steps of its
+    steps*(end - begin - 1) steps, the protocol's j of end - begin - 1.
+    """
+    loop = c.train_cfg
+    if loop.get("type") != "IterBasedTrainLoop":
+        raise ConfigError(f"config key 'batch_mode': accumulate needs an IterBasedTrainLoop; {path.name} "
+                          f"has {loop.get('type')}")
+    loop.max_iters *= steps
+    if loop.get("val_interval"):
+        loop.val_interval *= steps
+    hooks = c.get("default_hooks") or {}
+    if hooks.get("logger", {}).get("interval"):
+        hooks.logger.interval *= steps
+    checkpoint = hooks.get("checkpoint", {})
+    if checkpoint.get("interval") and not checkpoint.get("by_epoch", True):   # CheckpointHook's default
+        checkpoint.interval *= steps
+    schedulers = c.get("param_scheduler") or []
+    for s in [schedulers] if isinstance(schedulers, dict) else schedulers:
+        if s.get("type") not in ACCUMULABLE_SCHEDULERS or s.get("by_epoch", True) or "end" not in s:
+            raise ConfigError(f"config key 'batch_mode': accumulate rescales iteration-based "
+                              f"{'/'.join(ACCUMULABLE_SCHEDULERS)} with an 'end' only; {path.name} has "
+                              f"{excerpt(dict(s))}; use batch_mode=split")
+        s.begin = steps * s.get("begin", 0) + steps - 1
+        s.end = steps * s.end
+
+
+def plan_batch(c, cfg, path) -> dict[str, Any]:
+    """Set ``c``'s per-process batch (and gradient accumulation) so that one optimizer step sees
+    ``cfg.global_batch`` images with ``cfg.gpus`` processes; refuse, with how to run it, when that
+    is not possible. Returns the plan (``extra.batch`` of the record, ``cgh_batch`` of the config)."""
+    mode, total, procs = cfg.batch_mode, int(cfg.global_batch), int(cfg.gpus)
+    if mode not in BATCH_MODES:
+        raise ConfigError(f"config key 'batch_mode': expected one of {', '.join(BATCH_MODES)}, "
+                          f"got '{excerpt(mode)}'")
+    loader = c.train_dataloader
+    divisors = ", ".join(str(d) for d in range(1, total + 1) if total % d == 0)
+    if mode == "split":
+        if "train_dataloader.batch_size" in _flatten(to_dict(cfg.mmseg)):
+            raise ConfigError("config key 'mmseg.train_dataloader.batch_size': with batch_mode=split the "
+                              "per-process batch is global_batch / gpus; set global_batch, or use "
+                              "batch_mode=accumulate to choose the per-GPU batch")
+        if total % procs:
+            raise ConfigError(f"config key 'gpus': global_batch={total} images do not split over "
+                              f"gpus={procs}; run with gpus in ({divisors}), or batch_mode=accumulate "
+                              f"with gpus x mmseg.train_dataloader.batch_size dividing {total}")
+        per, steps = total // procs, 1
+        loader.batch_size = per
+    else:
+        per = int(loader.batch_size)
+        if total % (procs * per):
+            raise ConfigError(f"config key 'batch_mode': accumulate needs gpus x "
+                              f"mmseg.train_dataloader.batch_size to divide global_batch={total}, got "
+                              f"{procs} x {per}; choose them with a product in ({divisors})")
+        steps = total // (procs * per)
+        if steps > 1:
+            _stretch_schedule(c, steps, path)
+    c.optim_wrapper.accumulative_counts = steps
+    plan = {"mode": mode, "global_batch": total, "processes": procs, "per_process_batch": per,
+            "accumulation_steps": steps}
+    c.cgh_batch = dict(plan)    # in the saved config, beside the values it set
+    log.info("%d images per optimizer step = %d process(es) x %d images x %d accumulated iteration(s) "
+             "(batch_mode=%s)", total, procs, per, steps, mode)
+    return plan
+
+
 def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
     """The complete mmengine ``Config`` of the run (file + overrides + what the run decides)."""
     from mmengine.config import Config as MMConfig
@@ -202,6 +295,7 @@ def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
         c.merge_from_dict(overrides)
     except Exception as e:
         raise ConfigError(f"mmseg config {path}: {e}") from None
+    plan_batch(c, cfg, path)
 
     depth = MMSEG_DEPTHS.get(arch)
     if depth is None:
@@ -370,4 +464,5 @@ def run(cfg) -> Path:
         metrics={k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}, config=to_dict(cfg),
         started=timer.started, wall_time_s=timer.elapsed, device=None if cuda else "cpu",
         extra={"per_class_iou": per_class, "mmseg_config": str(out / "mmseg_config.py"),
+               "batch": dict(c.cgh_batch),
                "backbone_check": {k: backbone[k] for k in ("ok", "compared", "reference_tensors")}})

@@ -1,6 +1,7 @@
 # Small CPU setting on the synthshapes VOC2012 (+ aug) masks, for tests and the demo: 128 px crops,
-# batch 4, few iterations, light heads. The model and schedule shape follow the VOC config; the
-# backbone depth comes from the checkpoint (`cgh transfer seg` with depth=auto).
+# batch 4 (global_batch in configs/transfer/seg_synth.yaml), few iterations, light heads. The model
+# and schedule shape follow the VOC config; the backbone depth comes from the checkpoint
+# (`cgh transfer seg` with depth=auto).
 _base_ = './fcn_r50-d8_voc12aug_512x512_20k.py'
 
 crop_size = (128, 128)

@@ -1,6 +1,8 @@
 # FCN, ResNet-50 D8, Cityscapes (fine), 769x769 crops, 40k iterations, batch 2 x 4 GPUs,
-# sliding-window test (mmselfsup's segmentation benchmark). Same model and schedule as the VOC
-# config except the data, align_corners=True and the 40k poly schedule.
+# sliding-window test (mmselfsup's segmentation benchmark). Same model (mmseg `ResNet`, 7x7 stem:
+# see the VOC config for why not ResNetV1c), padding (after normalisation, 0 / label 255) and
+# schedule as the VOC config except the data, align_corners=True and the 40k poly schedule.
+# `cgh transfer seg` sets train_dataloader.batch_size from global_batch (8) and --gpus.
 _base_ = './fcn_r50-d8_voc12aug_512x512_20k.py'
 
 crop_size = (769, 769)
@@ -30,7 +32,7 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(
-    batch_size=2,
+    batch_size=2,        # per GPU on the protocol's 4 GPUs
     num_workers=2,
     dataset=dict(_delete_=True, type=dataset_type, data_root=data_root,
                  data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'),

@@ -1,10 +1,18 @@
 # FCN, ResNet-50 D8 (dilated, output stride 8), PASCAL VOC 2012 + SBD aug, 512x512 crops, 20k
 # iterations, batch 4 x 4 GPUs: mmselfsup's segmentation benchmark, written out in full (no mmseg::
 # base, no download). `cgh transfer seg` fills in: data_root, the backbone's depth and init
-# checkpoint (the converted backbone), BN instead of SyncBN on CPU, work_dir and the seed.
+# checkpoint (the converted backbone), BN instead of SyncBN on CPU, work_dir and the seed, and the
+# per-process batch (train_dataloader.batch_size: global_batch / gpus, or this file's 4 per GPU
+# with gradient accumulation; `global_batch` and `batch_mode` in configs/transfer/seg_*.yaml).
 #
-# Backbone: mmseg `ResNet` (torchvision stem and names), not `ResNetV1c` (deep stem): a
-# torchvision-style checkpoint cannot fill a deep stem.
+# Backbone flavour: mmselfsup 0.x's benchmark model (configs/benchmarks/mmsegmentation/_base_/
+# models/fcn_r50-d8.py): mmseg `ResNet`, the torchvision 7x7 stem and names, so a torchvision-
+# layout checkpoint (every method this toolkit reads) fills it completely. mmselfsup 1.x and
+# mmpretrain take mmseg's own config instead (`mmseg::fcn/fcn_r50-d8_4xb4-20k_voc12aug-512x512.py`):
+# `ResNetV1c`, whose deep stem (three 3x3 convs, `stem.*`) has no torchvision counterpart and would
+# stay random; its `pretrained='open-mmlab://resnet50_v1c'` plus their launch script's init_cfg also
+# trips mmseg 1.2.2's "init_cfg and pretrained cannot be setting at the same time" assertion.
+# tests/test_seg_protocol.py shows both.
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 crop_size = (512, 512)
 data_root = 'data/VOCdevkit/VOC2012'
@@ -17,6 +25,11 @@ model = dict(
         mean=[123.675, 116.28, 103.53],
         std=[58.395, 57.12, 57.375],
         bgr_to_rgb=True,
+        # Crops smaller than crop_size are padded here, after normalisation, with 0 (the mean
+        # colour) and label 255 (ignored): mmseg 0.x's Normalize -> Pad(pad_val=0, seg_pad_val=255),
+        # the pipeline of mmselfsup 0.x's benchmark. (mmseg 1.x's VOC aug config puts a raw
+        # Pad(size=crop_size) in the pipeline instead, i.e. black before normalisation; its
+        # Cityscapes config pads here, as this file does.)
         pad_val=0,
         seg_pad_val=255,
         size=crop_size),
@@ -78,7 +91,7 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(
-    batch_size=4,
+    batch_size=4,        # per GPU on the protocol's 4 GPUs; `cgh transfer seg` sets it (see above)
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
@@ -103,7 +116,9 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='CghIoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
-# ---- schedule: SGD lr 0.01, poly decay, 20k iterations
+# ---- schedule: SGD lr 0.01, poly decay, 20k iterations (of global batch 16). mmengine's PolyLR
+# (mmseg/mmselfsup 1.x) reaches eta_min at iteration end-1, mmcv 1.x's poly hook (mmseg 0.x)
+# would at max_iters: a 1/20000 stretch of the decay, too small to offer both.
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005),
