@@ -144,7 +144,7 @@ RANGE_CASES = [
     # detectron2 protocols and segmentation
     ("voc", "seeds=0", "seeds"), ("coco", "gpus=0", "gpus"), ("voc", "first_seed=-1", "first_seed"),
     ("coco", "num_machines=0", "num_machines"), ("voc", "machine_rank=1", "machine_rank"),
-    ("seg", "gpus=0", "gpus"), ("seg", "seed=-1", "seed"),
+    ("seg", "gpus=0", "gpus"), ("seg", "seed=-1", "seed"), ("seg", "global_batch=0", "global_batch"),
     # pretraining, nested sections
     ("pretrain", "optim.epochs=0", "optim.epochs"), ("pretrain", "optim.batch_size=0", "optim.batch_size"),
     ("pretrain", "optim.base_lr=-0.05", "optim.base_lr"), ("pretrain", "optim.momentum=-0.1", "optim.momentum"),
