@@ -189,13 +189,13 @@ SEED_AVERAGED = {"voc_det", "coco_instseg", "seg"}
 def record_flags(rec: dict) -> set[str]:
     """What a record says about its own numbers, shown beside them: ``diverged`` (the training blew
     up), ``last epoch`` (a linear/semi number from the final epoch, not the best one the CGH paper's
-    scripts report: ``reports.collect.choose_epoch``), ``bf16`` (features in the opt-in bf16 fast
-    mode, not the reference fp32)."""
-    extra, config = rec.get("extra") or {}, rec.get("config") or {}
+    scripts report: ``reports.collect.choose_epoch``), ``bf16`` (``extra.precision``: the backbone ran
+    in the opt-in bf16 fast mode, not the reference fp32)."""
+    extra = rec.get("extra") or {}
     flags = {"diverged"} if extra.get("diverged") else set()
     if rec.get("protocol") in EPOCH_PROTOCOLS and extra.get("reported_epoch") == "last":
         flags.add("last epoch")
-    if config.get("precision") == "bf16":
+    if extra.get("precision") == "bf16":        # what the backbone computed in (a CPU is always fp32)
         flags.add("bf16")
     return flags
 

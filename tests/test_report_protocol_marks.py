@@ -72,8 +72,8 @@ def test_single_voc_run_is_marked_and_five_seeds_are_not(tmp_path):
 
 def test_bf16_features_are_marked(tmp_path):
     w = RecordWriter(tmp_path)
-    w("knn", {"top1": 40.0, "top5": 70.0, "best_k": 20}, checkpoint("fast"), config={"precision": "bf16"})
-    w("knn", {"top1": 40.1, "top5": 70.0, "best_k": 20}, checkpoint("ref"), config={"precision": "fp32"})
+    w("knn", {"top1": 40.0, "top5": 70.0, "best_k": 20}, checkpoint("fast"), extra={"precision": "bf16"})
+    w("knn", {"top1": 40.1, "top5": 70.0, "best_k": 20}, checkpoint("ref"), extra={"precision": "fp32"})
     table = ranking_tables(_records(tmp_path))[0]
     by_name = {r.labels["Checkpoint"]: format_cell(r.cells["top1"]) for r in table.rows}
     assert by_name == {"fast": "40.0 [bf16]", "ref": "40.1"}
