@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,8 @@ from transfer.hub import LoadedCheckpoint, load_backbone
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 1
+PRECISIONS = ("fp32", "bf16")                 # backbone_precision: what the forward passes compute in
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
 @dataclass
@@ -51,10 +53,42 @@ class ProtocolConfig:
     val_split: str = "val"
     resize: int = bounded(256, ge=1)  # evaluation: Resize(resize) + CenterCrop(crop)
     crop: int = bounded(224, ge=1, le="resize")
+    # Resize's filter: bilinear = torchvision's default, which the authors' eval_lincls.py and
+    # eval_semisup.py use; their eval_knn.py (as DINO's) asks for bicubic (knn.Config's default).
+    interpolation: str = "bilinear"
+    # Backbone forward passes on GPU (feature extraction, training, validation): fp32 as in the
+    # authors' eval scripts (no autocast); bf16 = autocast, a faster opt-in mode, labelled in the
+    # record (extra.precision). A CPU always computes in fp32. (fp32 = no autocast; cuDNN may still
+    # use TF32 for convolutions, torch's default, as in the authors' runs.)
+    backbone_precision: str = "fp32"
     batch_size: int = bounded(256, ge=1)   # global batch (split over processes under torchrun)
     num_workers: int = -1             # data loader workers per process; -1 = default_num_workers()
     device: str = "auto"              # auto = this process's GPU if any, else CPU
     overwrite: bool = False           # output_dir belongs to another run: move it aside, start fresh
+
+
+def check_choices(cfg, **allowed) -> None:
+    """``ConfigError`` naming the key and its allowed values when a string setting is not one of them."""
+    for key, values in allowed.items():
+        if getattr(cfg, key) not in values:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(values)}; got {getattr(cfg, key)!r}")
+
+
+def check_protocol_config(cfg: ProtocolConfig) -> None:
+    """The enumerated settings every protocol shares."""
+    check_choices(cfg, interpolation=tuple(INTERPOLATIONS), backbone_precision=PRECISIONS)
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """What the forward passes really compute in: ``precision`` on a GPU, fp32 on a CPU."""
+    return precision if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when asked for on a GPU; otherwise a disabled context (plain fp32)."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=effective_precision(precision, device) == "bf16")
 
 
 def open_checkpoint(cfg: ProtocolConfig) -> tuple[nn.Module, LoadedCheckpoint]:
@@ -131,17 +165,36 @@ def load_model(checkpoint: str | os.PathLike, *, fmt: str | None = None, key: st
 
 
 # ---------------------------------------------------------------- transforms and datasets
-def eval_transform(resize: int, crop: int) -> tuple[Callable, str]:
-    """Resize(shorter side) + CenterCrop + ImageNet normalisation, and a description for cache keys."""
-    tf = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(crop),
-                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return tf, f"resize{resize}-bilinear-centercrop{crop}-imagenet-norm"
+def eval_transform(resize: int, crop: int, interpolation: str = "bilinear",
+                   std: Sequence[float] = IMAGENET_STD) -> tuple[Callable, str]:
+    """Resize(shorter side) + CenterCrop + ImageNet normalisation, and a description for cache keys.
+
+    ``interpolation``: "bilinear" or "bicubic" (PIL's filters; an image whose shorter side already
+    is ``resize`` is not resampled). ``std``: the normalisation's std (the authors' semi-supervised
+    script uses 0.228 for red); the description names it when it is not ImageNet's.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"config key 'interpolation' must be one of {', '.join(INTERPOLATIONS)}; "
+                          f"got {interpolation!r}")
+    tf = T.Compose([T.Resize(resize, interpolation=INTERPOLATIONS[interpolation]), T.CenterCrop(crop),
+                    T.ToTensor(), T.Normalize(IMAGENET_MEAN, tuple(std))])
+    norm = "imagenet-norm" if tuple(std) == IMAGENET_STD else f"imagenet-mean-std{','.join(map(str, std))}"
+    return tf, f"resize{resize}-{interpolation}-centercrop{crop}-{norm}"
 
 
-def train_transform(crop: int) -> Callable:
+def train_transform(crop: int, std: Sequence[float] = IMAGENET_STD) -> Callable:
     """RandomResizedCrop + horizontal flip: the augmentation of the linear and semi-supervised protocols."""
     return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.Normalize(IMAGENET_MEAN, tuple(std))])
+
+
+def protocol_transforms(cfg: ProtocolConfig) -> tuple[Callable, Callable, str]:
+    """(train, eval, eval description) of a protocol config: RandomResizedCrop(crop) + flip, and
+    Resize(resize, ``cfg.interpolation``) + CenterCrop(crop); ImageNet mean, and ``cfg.normalize_std``
+    where the protocol has that key (semi), else ImageNet's std."""
+    std = tuple(float(v) for v in getattr(cfg, "normalize_std", IMAGENET_STD))
+    eval_tf, desc = eval_transform(cfg.resize, cfg.crop, cfg.interpolation, std)
+    return train_transform(cfg.crop, std), eval_tf, desc
 
 
 def build_split(name: str, root: str | os.PathLike, split: str, transform: Callable | None) -> Dataset:
@@ -193,13 +246,17 @@ def dataset_fingerprint(ds: Dataset) -> str:
 # ---------------------------------------------------------------- extraction
 @torch.no_grad()
 def extract_features(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, num_workers: int | None = None,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device | str = "cpu", precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features [N, D] (float32, CPU) and labels [N] of ``dataset``, in dataset order.
 
-    GPU: bf16 autocast and channels_last, features kept on the GPU until the end (no per-batch host
-    sync). Under ``torch.distributed`` every process embeds every world-th image and the shards are
-    gathered back into dataset order, so the result is the same on every process.
+    GPU: channels_last, ``precision`` "bf16" (autocast; this function's default, kept for the
+    pretraining monitor and the benchmark) or "fp32" (what the protocols pass by default), features
+    kept on the GPU until the end (no per-batch host sync). CPU: always fp32. Under
+    ``torch.distributed`` every process embeds every world-th image and the shards are gathered
+    back into dataset order, so the result is the same on every process.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     rank, size = world()
     n = len(dataset)
@@ -215,7 +272,7 @@ def extract_features(model: nn.Module, dataset: Dataset, *, batch_size: int = 25
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device, precision):
             out = model(images)
         feats.append(out.float().flatten(1))
         labels.append(torch.as_tensor(targets).to(device, non_blocking=True))
@@ -255,12 +312,13 @@ def feature_cache_key(ckpt: LoadedCheckpoint, *, dataset: str, root: str | os.Pa
 def cached_features(model: nn.Module, ckpt: LoadedCheckpoint, ds: Dataset, *, dataset: str,
                     root: str | os.PathLike, split: str, transform: str, cache_dir: str | os.PathLike | None,
                     device: torch.device, batch_size: int = 256, num_workers: int | None = None,
-                    read_as: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                    read_as: dict | None = None, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(features, labels, hit): read from ``cache_dir`` when present, else extract and store atomically.
 
-    ``cache_dir`` empty or None disables the cache.
+    ``cache_dir`` empty or None disables the cache. ``precision``: the backbone's on a GPU (the
+    key holds the effective one, so CPU features are fp32 whatever was asked).
     """
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = effective_precision(precision, device)
     key = feature_cache_key(ckpt, dataset=dataset, root=root, split=split, fingerprint=dataset_fingerprint(ds),
                             transform=transform, precision=precision, read_as=read_as)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -271,7 +329,8 @@ def cached_features(model: nn.Module, ckpt: LoadedCheckpoint, ds: Dataset, *, da
             return tensors["features"], tensors["labels"], True
         except Exception:  # a foreign or damaged file under our name: recompute and replace it
             pass
-    features, labels = extract_features(model, ds, batch_size=batch_size, num_workers=num_workers, device=device)
+    features, labels = extract_features(model, ds, batch_size=batch_size, num_workers=num_workers, device=device,
+                                        precision=precision)
     if path is not None and world()[0] == 0:
         with atomic_path(path) as tmp:
             save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp),

@@ -16,8 +16,9 @@ import torch
 
 from cgh.config import ConfigError, bounded
 from cgh.records import RunTimer
-from eval.features import (ProtocolConfig, build_split, cached_features, check_same_classes, eval_transform,
-                           open_checkpoint, read_as, select_device, workers, write_result)
+from eval.features import (ProtocolConfig, build_split, cached_features, check_protocol_config, check_same_classes,
+                           effective_precision, open_checkpoint, protocol_transforms, read_as, select_device,
+                           workers, write_result)
 from eval.metrics import topk_accuracy
 
 # Similarities held at once: chunk rows x train rows. 2**27 float32 = 512 MiB, so ImageNet
@@ -325,17 +326,21 @@ def weighted_knn(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 @dataclass
 class Config(ProtocolConfig):
+    # Resize filter of the centre crop: bicubic, as the authors' eval_knn.py (interpolation=3) and DINO's
+    interpolation: str = "bicubic"
     ks: list[int] = bounded(factory=lambda: [10, 20, 100, 200], ge=1)
     temperature: float = bounded(0.07, gt=0)   # vote weight exp(sim / T), as in InstDisc/DINO and the paper
     chunk_size: int = bounded(0, ge=0)         # val rows per similarity chunk; 0 = as many as fit SIMILARITY_BUDGET
     precision: str = "auto"           # neighbour search: fp32, or bf16 candidates + float32 re-ranking with
-                                      # a proof of equality (exact too); auto = bf16 where it is fast
+                                      # a proof of equality (exact too); auto = bf16 where it is fast.
+                                      # The features themselves: backbone_precision (fp32 by default).
     cache_dir: Optional[str] = "~/.cache/cgh/features"   # feature cache; "" or null disables it
 
 
 def run(cfg: Config) -> Path:
     """Extract (or read cached) centre-crop features of train and val, vote, write result.json."""
     timer = RunTimer()
+    check_protocol_config(cfg)
     ks = sorted(set(int(k) for k in cfg.ks))
     if not ks or ks[0] < 1:
         raise ConfigError(f"config key 'ks': need positive integers, got {list(cfg.ks)}")
@@ -345,7 +350,7 @@ def run(cfg: Config) -> Path:
         raise ConfigError(f"config key 'temperature' must be > 0, got {cfg.temperature}")
     device = select_device(cfg.device)
     model, ckpt = open_checkpoint(cfg)
-    tf, tf_desc = eval_transform(cfg.resize, cfg.crop)
+    _, tf, tf_desc = protocol_transforms(cfg)
     train_ds = build_split(cfg.dataset, cfg.data_root, cfg.train_split, tf)
     val_ds = build_split(cfg.dataset, cfg.data_root, cfg.val_split, tf)
     classes = check_same_classes(train_ds, val_ds, f"{cfg.dataset} at {cfg.data_root}")
@@ -358,7 +363,8 @@ def run(cfg: Config) -> Path:
     for split, ds in ((cfg.train_split, train_ds), (cfg.val_split, val_ds)):
         f, y, hits[split] = cached_features(model, ckpt, ds, dataset=cfg.dataset, root=cfg.data_root, split=split,
                                             transform=tf_desc, cache_dir=cache, device=device,
-                                            batch_size=cfg.batch_size, num_workers=workers(cfg), read_as=read_as(cfg))
+                                            batch_size=cfg.batch_size, num_workers=workers(cfg), read_as=read_as(cfg),
+                                            precision=cfg.backbone_precision)
         feats[split] = (f, y)
     (train_f, train_y), (val_f, val_y) = feats[cfg.train_split], feats[cfg.val_split]
     # Normalised in place (this process owns these tensors; the cache file is not touched), so the
@@ -366,8 +372,10 @@ def run(cfg: Config) -> Path:
     # need 16 GB with the bf16 copy instead of 26 GB.
     train_unit = train_f.to(device, torch.float32)
     _unit_rows(train_unit, out=train_unit)
+    search: dict = {}
     scores = weighted_knn(train_unit, train_y, val_f.to(device), len(classes), ks=ks, temperature=cfg.temperature,
-                          chunk_size=cfg.chunk_size or None, precision=cfg.precision, train_is_unit=True)
+                          chunk_size=cfg.chunk_size or None, precision=cfg.precision, stats=search,
+                          train_is_unit=True)
     metrics: dict[str, float] = {}
     for k in ks:
         acc = topk_accuracy(scores[k], val_y.to(device), (1, 5))
@@ -380,4 +388,6 @@ def run(cfg: Config) -> Path:
                         metrics=metrics, started=timer.started, wall_time_s=timer.elapsed,
                         extra={"num_train": len(train_ds), "num_val": len(val_ds), "num_classes": len(classes),
                                "feature_dim": int(train_f.shape[1]), "temperature": cfg.temperature,
+                               "precision": effective_precision(cfg.backbone_precision, device),
+                               "search_precision": search["precision"], "transform": tf_desc,
                                "feature_cache": {s: ("hit" if h else "miss") for s, h in hits.items()}})

@@ -54,14 +54,21 @@ def test_full_probe_resumes_exactly(synth_cls_root, random_ckpt, tmp_path, monke
     whole = read_record(linear.run(knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "whole", **kw)))
     assert whole["protocol"] == "linear" and len(whole["extra"]["history"]) == 2
     assert 0 <= whole["metrics"]["top1"] <= whole["metrics"]["top5"] <= 100
+    # 300 images, batch 50: 6 iterations an epoch; the cosine steps per iteration (the history
+    # holds each epoch's last lr), and every epoch is validated: the record has last and best.
+    hist, m = whole["extra"]["history"], whole["metrics"]
+    assert [h["lr"] for h in hist] == pytest.approx([3.0 * 0.5 * (1 + math.cos(math.pi * t / 12)) for t in (5, 11)])
+    assert m["top1"] == m["top1_last"] == hist[-1]["top1"] and m["top5_last"] == hist[-1]["top5"]
+    assert m["top1_best"] == max(h["top1"] for h in hist) and hist[int(m["best_epoch"]) - 1]["top5"] == m["top5_best"]
 
-    # Interrupt at the start of epoch 2 (after epoch 1's state was saved), then run again.
+    # Interrupt at the start of epoch 2 (after epoch 1's state was saved), then run again. The
+    # cosine is stepped per iteration: its first step of epoch 2 of 2 is t = total / 2.
     real = linear.cosine_factor
 
-    def crash(epoch, epochs):
-        if epoch == 1:
+    def crash(t, total):
+        if 2 * t == total:
             raise KeyboardInterrupt
-        return real(epoch, epochs)
+        return real(t, total)
     monkeypatch.setattr(linear, "cosine_factor", crash)
     cfg = knn_cfg(linear, random_ckpt, synth_cls_root, tmp_path / "resumed", **kw)
     with pytest.raises(KeyboardInterrupt):

@@ -57,8 +57,8 @@ def test_any_subset_file(synth_cls_root, random_ckpt, tmp_path, monkeypatch):
     picked = sorted(f.name for d in sorted(train.iterdir()) for f in sorted(d.iterdir())[:2])
     lst = tmp_path / "mine.txt"
     lst.write_text("\n".join(picked) + "\n")
-    monkeypatch.setattr(semi, "fit", lambda *a, **k: [])      # selection only: skip training and scoring
-    monkeypatch.setattr(semi, "evaluate", lambda *a, **k: {"top1": 0.0, "top5": 0.0})
+    # selection only: skip training and its per-epoch scoring
+    monkeypatch.setattr(semi, "fit", lambda *a, **k: [{"epoch": 1, "loss": 1.0, "lr": 0.1, "top1": 0.0, "top5": 0.0}])
     rec = read_record(semi.run(knn_cfg(semi, random_ckpt, synth_cls_root, tmp_path / "m", subset=str(lst),
                                        **SMALL)))
     assert rec["dataset"]["subset"] == "mine.txt"
