@@ -204,7 +204,7 @@ def record_flags(rec: dict) -> set[str]:
 # repeats of one evaluation (seeds, machines, folders) and pool into one cell. Any other difference
 # (k, temperature, lr, image size, iterations ...) is another evaluation, shown in a row of its own.
 NOT_SETTINGS = LAUNCH_KEYS | {"seed", "first_seed", "device", "gpus", "data_root", "voc_root", "coco_root",
-                              "dataset_name", "split"}
+                              "dataset_name", "split", "reported_epoch"}   # (the report picks the epoch)
 
 
 def eval_settings(rec: dict) -> dict[str, str]:
