@@ -125,7 +125,8 @@ def test_report_from_every_bad_record_at_once_builds_fast_and_lists_each(tmp_pat
 
     assert MATH in md and _cell(report, MATH) == "40.0"        # shown as written; the plots did not choke
     assert _cell(report, BROKEN_MATH) == "35.0"
-    assert {"checkpoints", "knn_vs_k"} <= set(report.plots)
+    assert "knn_vs_k" in report.plots                          # drawn with every checkpoint's name
+    assert [t for t, _ in report.comparison_plots.values()] == report.summary.value_columns
     assert plots.plot_text(MATH) == "\\$\\frac{a}{b}\\$"       # plain text to matplotlib, never math
     cut = "d" * (NAME_LIMIT - 1) + "…"
     assert LONG_DATASET not in md and f"kNN on {cut}" in md

@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,12 @@ def build_mmseg_config(cfg, arch: str, weights: str | os.PathLike, cuda: bool):
         if c[k].get("num_workers", 0) == 0:
             c[k].persistent_workers = False
     c.work_dir = str(Path(cfg.output_dir).resolve())
+    # mmengine keeps one global Visualizer per name (mmseg's configs name it 'visualizer') and one
+    # MessageHub per experiment name (by default the start second): a second run in this process
+    # would write its logs into the first run's (possibly deleted) folder. Names of its own per run.
+    c.experiment_name = f"cgh-seg-{uuid.uuid4().hex[:12]}"
+    if isinstance(c.get("visualizer"), dict):
+        c.visualizer.name = c.experiment_name
     # Resume only from a checkpoint this run recorded, named explicitly: with load_from unset,
     # mmengine would follow last_checkpoint (any file or URL) and, after training, reload the
     # final checkpoint before testing.
