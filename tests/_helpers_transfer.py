@@ -38,3 +38,16 @@ def moco_detectron2_name(key: str) -> str:
     for t in [1, 2, 3]:
         key = key.replace(f"bn{t}", f"conv{t}.norm")
     return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def assert_sources_pinned(table: dict, official) -> None:
+    """An official-values table (tests/official/*.yaml): every source names a repository file at a
+    full commit, and every entry of every protocol (``official(name)``) cites one of them."""
+    import re
+
+    sources = table["sources"]
+    for source in sources.values():
+        assert set(source) == {"repo", "path", "commit"} and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
+    for name in table["protocols"]:
+        for key, entry in official(name).items():
+            assert entry["source"] in sources, (name, key)

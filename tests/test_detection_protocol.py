@@ -14,6 +14,8 @@ from transfer import coco, voc
 from transfer.compat.detectron2_compat import import_detectron2
 from transfer.detectron2_common import DatasetSpec, build_detectron2_config, protocol_config
 
+from _helpers_transfer import assert_sources_pinned
+
 import_detectron2()
 from detectron2.engine import DefaultTrainer  # noqa: E402
 
@@ -66,12 +68,7 @@ def test_a_config_that_drifts_from_the_table_is_caught():
 
 
 def test_every_official_value_cites_a_source_with_its_commit():
-    sources = TABLE["sources"]
-    for source in sources.values():
-        assert set(source) == {"repo", "path", "commit"} and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
-    for name in TABLE["protocols"]:
-        for key, entry in official(name).items():
-            assert entry["source"] in sources, (name, key)
+    assert_sources_pinned(TABLE, official)
 
 
 @pytest.mark.parametrize("name, norm, amp", [

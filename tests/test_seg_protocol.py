@@ -4,7 +4,6 @@ or the run is refused; accumulation keeps the protocol's lr at every optimizer s
 own scheduler and in a real CPU run; why mmselfsup 1.x's ResNetV1c route is not followed."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import yaml
 from cgh.config import ConfigError, load_config
 from transfer import seg
 
-from _helpers_transfer import one_thread  # noqa: F401  (fixture)
+from _helpers_transfer import assert_sources_pinned, one_thread  # noqa: F401  (fixture)
 
 TABLE = yaml.safe_load((Path(__file__).parent / "official" / "segmentation.yaml").read_text())
 VOC, CITY = "transfer/seg_voc12aug_512x512_20k.yaml", "transfer/seg_cityscapes_769x769_40k.yaml"
@@ -86,12 +85,7 @@ def test_a_config_that_drifts_from_the_table_is_caught():
 
 
 def test_every_official_value_cites_a_source_with_its_commit():
-    sources = TABLE["sources"]
-    for source in sources.values():
-        assert set(source) == {"repo", "path", "commit"} and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
-    for name in TABLE["protocols"]:
-        for key, entry in official(name).items():
-            assert entry["source"] in sources, (name, key)
+    assert_sources_pinned(TABLE, official)
 
 
 @pytest.mark.parametrize("config, total, per_gpu", [(VOC, 16, 4), (CITY, 8, 2)])
